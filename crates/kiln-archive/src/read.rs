@@ -1,0 +1,386 @@
+//! Reading tar.gz: one pass that validates every entry, feeds the tree
+//! digest, and (optionally) writes the entry below a destination directory.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use flate2::read::MultiGzDecoder;
+use kiln_core::{Digest, Hasher};
+use tar::EntryType;
+
+use crate::ArchiveError;
+
+/// Caps that stop decompression bombs.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Total bytes of file contents, after decompression.
+    pub max_bytes: u64,
+    pub max_entries: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_bytes: 4 << 30,
+            max_entries: 500_000,
+        }
+    }
+}
+
+/// What an archive holds, by content.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TreeSummary {
+    /// Digest over the sorted (path, kind, mode, content digest or link
+    /// target) of every file and link. Directories, mtimes, owners and entry
+    /// order do not count, so the same tree repacked has the same digest.
+    pub digest: Digest,
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+pub fn is_gzip(head: &[u8]) -> bool {
+    head.len() >= 2 && head[0] == 0x1f && head[1] == 0x8b
+}
+
+/// Validate and digest a tar.gz without writing anything.
+pub fn digest_tar_gz(r: impl Read, limits: Limits) -> Result<TreeSummary, ArchiveError> {
+    walk(r, limits, None)
+}
+
+/// Validate, digest and extract a tar.gz below `dest`, which must exist.
+/// Nothing is written outside `dest`: paths are normalised, `..` and absolute
+/// names are refused, absolute link targets are re-rooted at `dest`, links
+/// that climb out are refused, and no entry is written through a symlink.
+pub fn extract_tar_gz(
+    r: impl Read,
+    dest: &Path,
+    limits: Limits,
+) -> Result<TreeSummary, ArchiveError> {
+    walk(r, limits, Some(dest))
+}
+
+enum Record {
+    File { mode: u32, content: Digest },
+    Link { target: Vec<u8> },
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).chars().take(200).collect()
+}
+
+/// Normalise an entry name into components: strips `./`, refuses `..` and
+/// absolute names.
+fn components(raw: &[u8]) -> Result<Vec<&[u8]>, ArchiveError> {
+    if raw.first() == Some(&b'/') {
+        return Err(ArchiveError::Absolute { entry: lossy(raw) });
+    }
+    let mut out = Vec::new();
+    for c in raw.split(|b| *b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => return Err(ArchiveError::Traversal { entry: lossy(raw) }),
+            c => out.push(c),
+        }
+    }
+    Ok(out)
+}
+
+/// Make a link target safe: absolute targets are re-rooted at the archive
+/// root (as if the archive were `/`), and the result must stay inside it.
+/// Returns the relative target to write.
+fn link_target(entry: &[&[u8]], raw_target: &[u8]) -> Result<Vec<u8>, ArchiveError> {
+    let escapes = || ArchiveError::LinkEscapes {
+        entry: lossy(&entry.join(&b'/')),
+        target: lossy(raw_target),
+    };
+    if raw_target.is_empty() || raw_target.contains(&0) {
+        return Err(escapes());
+    }
+    let parent = &entry[..entry.len().saturating_sub(1)];
+    let absolute = raw_target[0] == b'/';
+    // Resolve lexically from the root to check containment.
+    let mut resolved: Vec<&[u8]> = if absolute { Vec::new() } else { parent.to_vec() };
+    for c in raw_target.split(|b| *b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => {
+                if resolved.pop().is_none() {
+                    return Err(escapes());
+                }
+            }
+            c => resolved.push(c),
+        }
+    }
+    if !absolute {
+        return Ok(raw_target.to_vec());
+    }
+    // Rewrite `/a/b` seen from `x/y/link` as `../../a/b`.
+    let mut rel = Vec::new();
+    for _ in parent {
+        rel.extend_from_slice(b"../");
+    }
+    rel.extend_from_slice(&resolved.join(&b'/'));
+    if rel.is_empty() {
+        rel.push(b'.');
+    }
+    Ok(rel)
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ArchiveError + '_ {
+    move |source| ArchiveError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Create the parent directories of `comps` below `dest`, refusing to pass
+/// through a symlink. Returns the full path of the entry.
+fn prepare_parent(dest: &Path, comps: &[&[u8]]) -> Result<PathBuf, ArchiveError> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut p = dest.to_path_buf();
+    for (i, c) in comps.iter().enumerate() {
+        p.push(std::ffi::OsStr::from_bytes(c));
+        if i + 1 == comps.len() {
+            break;
+        }
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(ArchiveError::ThroughSymlink {
+                    entry: lossy(&comps.join(&b'/')),
+                    via: lossy(&comps[..=i].join(&b'/')),
+                })
+            }
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(ArchiveError::Corrupt(format!(
+                    "entry {:?} is below a file",
+                    lossy(&comps.join(&b'/'))
+                )))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir(&p).map_err(io_err(&p))?
+            }
+            Err(e) => return Err(io_err(&p)(e)),
+        }
+    }
+    Ok(p)
+}
+
+/// Remove whatever sits at `p` (a later entry replaces an earlier one, as tar
+/// does), without following links.
+fn clear(p: &Path) -> Result<(), ArchiveError> {
+    match fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(p).map_err(io_err(p)),
+        Ok(_) => fs::remove_file(p).map_err(io_err(p)),
+        Err(_) => Ok(()),
+    }
+}
+
+fn walk(r: impl Read, limits: Limits, dest: Option<&Path>) -> Result<TreeSummary, ArchiveError> {
+    let mut r = io::BufReader::with_capacity(256 * 1024, r);
+    let head = io::BufRead::fill_buf(&mut r).map_err(|e| ArchiveError::Corrupt(e.to_string()))?;
+    if !is_gzip(head) {
+        return Err(ArchiveError::NotGzip);
+    }
+    let mut ar = tar::Archive::new(MultiGzDecoder::new(r));
+    let corrupt = |e: io::Error| ArchiveError::Corrupt(e.to_string());
+    let mut records: BTreeMap<Vec<u8>, Record> = BTreeMap::new();
+    let mut symlinks: Vec<PathBuf> = Vec::new();
+    let mut entries = 0u64;
+    let mut bytes = 0u64;
+    let mut buf = vec![0u8; 128 * 1024];
+    for entry in ar.entries().map_err(corrupt)? {
+        let mut entry = entry.map_err(corrupt)?;
+        entries += 1;
+        if entries > limits.max_entries {
+            return Err(ArchiveError::TooManyEntries {
+                limit: limits.max_entries,
+            });
+        }
+        let raw = entry.path_bytes().into_owned();
+        let comps = components(&raw)?;
+        let key = comps.join(&b'/');
+        let kind = entry.header().entry_type();
+        let mode = entry.header().mode().map_err(corrupt)? & 0o777;
+        if comps.is_empty() {
+            if kind.is_dir() {
+                continue;
+            }
+            return Err(ArchiveError::Corrupt(format!("entry {:?} has no name", lossy(&raw))));
+        }
+        match kind {
+            EntryType::Directory => {
+                if let Some(dest) = dest {
+                    let p = prepare_parent(dest, &comps)?;
+                    match fs::symlink_metadata(&p) {
+                        Ok(m) if m.is_dir() => {}
+                        Ok(_) => {
+                            clear(&p)?;
+                            fs::create_dir(&p).map_err(io_err(&p))?
+                        }
+                        Err(_) => fs::create_dir(&p).map_err(io_err(&p))?,
+                    }
+                    fs::set_permissions(&p, fs::Permissions::from_mode(mode | 0o700))
+                        .map_err(io_err(&p))?;
+                }
+            }
+            EntryType::Regular | EntryType::Continuous => {
+                let size = entry.header().size().map_err(corrupt)?;
+                if bytes.saturating_add(size) > limits.max_bytes {
+                    return Err(ArchiveError::TooLarge {
+                        limit: limits.max_bytes,
+                    });
+                }
+                let mut h = Hasher::new();
+                let mut out = match dest {
+                    Some(dest) => {
+                        let p = prepare_parent(dest, &comps)?;
+                        clear(&p)?;
+                        Some((fs::File::create(&p).map_err(io_err(&p))?, p))
+                    }
+                    None => None,
+                };
+                loop {
+                    let n = entry.read(&mut buf).map_err(corrupt)?;
+                    if n == 0 {
+                        break;
+                    }
+                    bytes += n as u64;
+                    if bytes > limits.max_bytes {
+                        return Err(ArchiveError::TooLarge {
+                            limit: limits.max_bytes,
+                        });
+                    }
+                    h.update(&buf[..n]);
+                    if let Some((f, p)) = out.as_mut() {
+                        io::Write::write_all(f, &buf[..n]).map_err(io_err(p))?;
+                    }
+                }
+                if let Some((f, p)) = out {
+                    f.set_permissions(fs::Permissions::from_mode(mode))
+                        .map_err(io_err(&p))?;
+                }
+                records.insert(
+                    key,
+                    Record::File {
+                        mode,
+                        content: h.finish(),
+                    },
+                );
+            }
+            EntryType::Symlink => {
+                let raw_target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| ArchiveError::Corrupt(format!("symlink {:?} has no target", lossy(&raw))))?
+                    .into_owned();
+                let target = link_target(&comps, &raw_target)?;
+                if let Some(dest) = dest {
+                    use std::os::unix::ffi::OsStrExt;
+                    let p = prepare_parent(dest, &comps)?;
+                    clear(&p)?;
+                    symlink(std::ffi::OsStr::from_bytes(&target), &p).map_err(io_err(&p))?;
+                    symlinks.push(p);
+                }
+                records.insert(key, Record::Link { target });
+            }
+            EntryType::Link => {
+                let raw_target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| ArchiveError::Corrupt(format!("hardlink {:?} has no target", lossy(&raw))))?
+                    .into_owned();
+                let escapes = || ArchiveError::LinkEscapes {
+                    entry: lossy(&raw),
+                    target: lossy(&raw_target),
+                };
+                let tcomps = components(&raw_target).map_err(|_| escapes())?;
+                let tkey = tcomps.join(&b'/');
+                // A hard link must name a regular file that came earlier.
+                let (tmode, content) = match records.get(&tkey) {
+                    Some(Record::File { mode, content }) => (*mode, *content),
+                    _ => return Err(escapes()),
+                };
+                if let Some(dest) = dest {
+                    let src = prepare_parent(dest, &tcomps)?;
+                    let p = prepare_parent(dest, &comps)?;
+                    clear(&p)?;
+                    fs::hard_link(&src, &p).map_err(io_err(&p))?;
+                }
+                records.insert(key, Record::File { mode: tmode, content });
+            }
+            EntryType::Char | EntryType::Block | EntryType::Fifo => {
+                return Err(ArchiveError::DeviceNode { entry: lossy(&raw) })
+            }
+            EntryType::XGlobalHeader | EntryType::XHeader => {}
+            other => {
+                return Err(ArchiveError::Unsupported {
+                    entry: lossy(&raw),
+                    kind: format!("{other:?}"),
+                })
+            }
+        }
+    }
+    // Lexical checks cannot see links through links (`a -> .`, `b -> a/..`);
+    // resolve every extracted link for real and refuse any that lands outside.
+    if let Some(dest) = dest {
+        let root = fs::canonicalize(dest).map_err(io_err(dest))?;
+        for l in &symlinks {
+            if let Ok(real) = fs::canonicalize(l) {
+                if !real.starts_with(&root) {
+                    return Err(ArchiveError::LinkEscapes {
+                        entry: l.strip_prefix(dest).unwrap_or(l).display().to_string(),
+                        target: fs::read_link(l)
+                            .map(|t| t.display().to_string())
+                            .unwrap_or_default(),
+                    });
+                }
+            }
+        }
+    }
+    let mut h = Hasher::new();
+    h.field(b"kiln-tree-v1");
+    for (path, rec) in &records {
+        h.field(path);
+        match rec {
+            Record::File { mode, content } => {
+                h.field(b"f").field(&mode.to_le_bytes()).field(content.as_bytes());
+            }
+            Record::Link { target } => {
+                h.field(b"l").field(target);
+            }
+        }
+    }
+    Ok(TreeSummary {
+        digest: h.finish(),
+        entries,
+        bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn components_normalise_and_refuse() {
+        assert_eq!(components(b"./a//b/./c").unwrap(), vec![&b"a"[..], b"b", b"c"]);
+        assert!(matches!(components(b"/etc/passwd"), Err(ArchiveError::Absolute { .. })));
+        assert!(matches!(components(b"a/../../b"), Err(ArchiveError::Traversal { .. })));
+    }
+
+    #[test]
+    fn link_targets_are_rerooted_or_refused() {
+        let e: Vec<&[u8]> = vec![b"lib", b"modules", b"6.1.0", b"build"];
+        assert_eq!(
+            link_target(&e, b"/usr/src/linux-headers-6.1.0").unwrap(),
+            b"../../../usr/src/linux-headers-6.1.0".to_vec()
+        );
+        assert_eq!(link_target(&e, b"../../x").unwrap(), b"../../x".to_vec());
+        assert!(link_target(&e, b"../../../../etc").is_err());
+        let top: Vec<&[u8]> = vec![b"l"];
+        assert!(link_target(&top, b"..").is_err());
+        assert_eq!(link_target(&top, b"/").unwrap(), b".".to_vec());
+    }
+}
