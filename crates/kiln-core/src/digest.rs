@@ -93,6 +93,12 @@ impl Hasher {
     }
 }
 
+impl fmt::Debug for Hasher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Hasher(sha256)")
+    }
+}
+
 impl std::io::Write for Hasher {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         self.0.update(buf);
