@@ -180,6 +180,23 @@ impl Cmd {
         self.timeout = t;
         self
     }
+    /// Run this command under a wrapper such as `bwrap ... --`: the
+    /// wrapper's argv comes first; environment, cwd and timeout are kept.
+    pub fn wrapped<I, S>(mut self, wrapper: I) -> Cmd
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        let mut argv: Vec<OsString> = wrapper.into_iter().map(Into::into).collect();
+        if argv.is_empty() {
+            return self;
+        }
+        let program = argv.remove(0);
+        argv.push(std::mem::replace(&mut self.program, program));
+        argv.append(&mut self.args);
+        self.args = argv;
+        self
+    }
     /// The program's name as shown in errors and logs.
     pub fn tool(&self) -> String {
         std::path::Path::new(&self.program)

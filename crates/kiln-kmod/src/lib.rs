@@ -1,1 +1,371 @@
+//! The kernel-module job kind: the DRBD build server's work, done safely.
+//!
+//! A request is a tar.gz of kernel headers plus a kernel version. [`Kmod::request`]
+//! answers it from the cache (first by the upload's raw digest, then by the
+//! content digest of the tree inside) or queues a job; [`Kmod`] as a
+//! [`JobKind`] extracts the headers, finds the build tree, prepares the
+//! module source, runs `make module KDIR=<tree>` in a sandbox, signs the
+//! modules if asked, and stores the archive in the cache.
 
+mod sandbox;
+mod source;
+mod tree;
+
+pub use sandbox::Sandbox;
+pub use source::{ModuleSource, SourceError};
+pub use tree::{find_kernel_tree, rewrite_absolute_includes, TreeError};
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_archive::{ArchiveError, Limits};
+use kiln_core::{Digest, Hasher, JobId, KernelVersion};
+use kiln_engine::{Engine, JobContext, JobError, JobKind, Metrics};
+use kiln_exec::Cmd;
+use kiln_store::{Cas, Db, StoreError, Submitted};
+use serde::{Deserialize, Serialize};
+
+pub const KIND: &str = "kmod";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KmodError {
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Engine(#[from] kiln_engine::EngineError),
+    #[error("internal task failed: {0}")]
+    Join(String),
+}
+
+/// Module signing, configured once at start.
+#[derive(Debug, Clone)]
+pub struct Signing {
+    pub key: PathBuf,
+    pub cert: PathBuf,
+    /// The certificate in DER, as `mokutil --import` wants it.
+    pub cert_der: Vec<u8>,
+    /// SHA-256 of the DER certificate; part of every cache key.
+    pub fingerprint: Digest,
+}
+
+impl Signing {
+    /// Load the certificate (PEM or DER) with openssl and fingerprint it.
+    pub async fn load(key: &Path, cert: &Path, scratch: &Path) -> Result<Signing, String> {
+        std::fs::File::open(key).map_err(|e| format!("signing key {}: {e}", key.display()))?;
+        let der = scratch.join("signing-cert.der");
+        let mut last = String::new();
+        for inform in ["PEM", "DER"] {
+            let r = Cmd::new("openssl")
+                .args(["x509", "-inform", inform, "-in"])
+                .arg(cert)
+                .args(["-outform", "DER", "-out"])
+                .arg(&der)
+                .timeout(Duration::from_secs(30))
+                .run(Arc::new(kiln_exec::NullSink), &Default::default())
+                .await;
+            match r {
+                Ok(()) => {
+                    let cert_der = std::fs::read(&der).map_err(|e| format!("{}: {e}", der.display()))?;
+                    return Ok(Signing {
+                        key: key.to_path_buf(),
+                        cert: cert.to_path_buf(),
+                        fingerprint: Digest::of(&cert_der),
+                        cert_der,
+                    });
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(format!("signing certificate {} is not a PEM or DER X.509 certificate: {last}", cert.display()))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct KmodConfig {
+    pub source: ModuleSource,
+    pub spaas_url: String,
+    /// Let builds reach the network (DRBD's SPAAS needs it).
+    pub build_network: bool,
+    pub sandbox: Sandbox,
+    pub signing: Option<Signing>,
+    pub limits: Limits,
+    pub make_jobs: usize,
+    pub cache_max_bytes: u64,
+}
+
+/// The job's parameters, stored with it, enough to re-run it after a restart.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KmodParams {
+    pub kernel_version: KernelVersion,
+    pub input: Digest,
+    pub cache_key: String,
+    pub raw_alias: String,
+    pub source_id: String,
+}
+
+/// What a finished job records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KmodResult {
+    pub cache_key: String,
+    pub artifact: Digest,
+    pub size: u64,
+    pub modules: Vec<String>,
+    pub signed: bool,
+    pub kernel_version: KernelVersion,
+}
+
+/// The answer to a build request.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Served from the cache: a verified archive.
+    Hit { path: PathBuf, cache_key: String, job_id: Option<JobId> },
+    Job(Submitted),
+}
+
+#[derive(Debug)]
+pub struct Kmod {
+    cfg: KmodConfig,
+    cas: Cas,
+    db: Arc<Db>,
+    metrics: Arc<Metrics>,
+}
+
+impl Kmod {
+    pub fn new(cfg: KmodConfig, cas: Cas, db: Arc<Db>, metrics: Arc<Metrics>) -> Kmod {
+        Kmod { cfg, cas, db, metrics }
+    }
+
+    pub fn config(&self) -> &KmodConfig {
+        &self.cfg
+    }
+
+    pub fn cas(&self) -> &Cas {
+        &self.cas
+    }
+
+    fn sign_fp(&self) -> String {
+        self.cfg.signing.as_ref().map(|s| s.fingerprint.hex()).unwrap_or_default()
+    }
+
+    fn key(&self, tag: &str, d: &Digest, kver: &KernelVersion, src: &str) -> String {
+        let mut h = Hasher::new();
+        h.field(tag.as_bytes())
+            .field(d.as_bytes())
+            .field(kver.as_str().as_bytes())
+            .field(src.as_bytes())
+            .field(self.sign_fp().as_bytes());
+        h.finish().hex()
+    }
+
+    /// A verified cached archive for `key`, or None (a corrupt one is dropped).
+    fn cached(&self, key: &str) -> Result<Option<(PathBuf, Option<JobId>)>, KmodError> {
+        let Some(a) = self.db.artifact(KIND, key)? else { return Ok(None) };
+        match self.cas.verify(&a.digest) {
+            Ok(p) => {
+                self.db.touch_blob(&a.digest, a.size)?;
+                Ok(Some((p, a.job_id)))
+            }
+            Err(StoreError::Corrupt { .. } | StoreError::Missing(_)) => {
+                self.db.drop_artifact(KIND, key)?;
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Answer a build request whose body has been streamed to `upload`
+    /// (not yet committed to the cache). `raw` is the digest of its bytes.
+    pub async fn request(
+        &self,
+        engine: &Engine,
+        upload: kiln_store::TempBlob,
+        kver: KernelVersion,
+        force: bool,
+    ) -> Result<Outcome, KmodError> {
+        let raw = upload.digest();
+        let src = self.cfg.source.identity().await?;
+        let alias = self.key("raw-v1", &raw, &kver, &src);
+        if !force {
+            if let Some(key) = self.db.alias(KIND, &alias)? {
+                if let Some((path, job_id)) = self.cached(&key)? {
+                    self.metrics.cache_hits.with_label_values(&[KIND, "raw"]).inc();
+                    tracing::info!(kernel_version = %kver, cache_key = %key, "cache hit (raw upload digest)");
+                    return Ok(Outcome::Hit { path, cache_key: key, job_id });
+                }
+            }
+        }
+        // Validate the archive and digest the tree it holds, without writing it out.
+        let file = upload.path().to_path_buf();
+        let limits = self.cfg.limits;
+        let summary = tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(&file).map_err(|source| ArchiveError::Io { path: file, source })?;
+            kiln_archive::digest_tar_gz(f, limits)
+        })
+        .await
+        .map_err(|e| KmodError::Join(e.to_string()))??;
+        let key = self.key("tree-v1", &summary.digest, &kver, &src);
+        if !force {
+            if let Some((path, job_id)) = self.cached(&key)? {
+                self.db.put_alias(KIND, &alias, &key)?;
+                self.metrics.cache_hits.with_label_values(&[KIND, "tree"]).inc();
+                tracing::info!(kernel_version = %kver, cache_key = %key, "cache hit (headers tree digest)");
+                return Ok(Outcome::Hit { path, cache_key: key, job_id });
+            }
+        }
+        self.metrics.cache_misses.with_label_values(&[KIND]).inc();
+        let (input, size) = upload.commit().await?;
+        self.db.touch_blob(&input, size)?;
+        let params = KmodParams {
+            kernel_version: kver.clone(),
+            input,
+            cache_key: key.clone(),
+            raw_alias: alias,
+            source_id: src,
+        };
+        let params = serde_json::to_value(&params).map_err(|e| KmodError::Join(e.to_string()))?;
+        let s = engine.submit(KIND, &key, &params, Some(&input), force)?;
+        tracing::info!(kernel_version = %kver, cache_key = %key, entries = summary.entries, bytes = summary.bytes, "cache miss");
+        Ok(Outcome::Job(s))
+    }
+
+    /// Evict least-recently-used blobs beyond the cap.
+    pub fn enforce_cache_cap(&self) {
+        match self.db.evict_to(self.cfg.cache_max_bytes) {
+            Ok(victims) => {
+                for d in victims {
+                    tracing::info!(digest = %d, "evicted from cache (LRU)");
+                    let _ = self.cas.remove(&d);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cache eviction"),
+        }
+        if let Ok((_, bytes)) = self.db.cache_usage() {
+            self.metrics.cache_bytes.set(bytes as i64);
+        }
+    }
+
+    async fn build(&self, ctx: &JobContext, p: &KmodParams) -> Result<KmodResult, JobError> {
+        let fail = |m: String| JobError::Failed(m);
+        ctx.progress("extracting headers", 5);
+        let input = self.cas.verify(&p.input).map_err(|e| fail(format!("the uploaded headers are gone: {e}")))?;
+        let root = ctx.workdir.join("headers");
+        std::fs::create_dir_all(&root).map_err(|e| fail(format!("{}: {e}", root.display())))?;
+        let limits = self.cfg.limits;
+        let r2 = root.clone();
+        let summary = tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(&input).map_err(|source| ArchiveError::Io { path: input, source })?;
+            kiln_archive::extract_tar_gz(f, &r2, limits)
+        })
+        .await
+        .map_err(|e| fail(e.to_string()))?
+        .map_err(|e| fail(format!("rejected headers archive: {e}")))?;
+        ctx.log.info(&format!("extracted {} entries, {} bytes", summary.entries, summary.bytes));
+
+        let tree = find_kernel_tree(&root, &p.kernel_version).map_err(|e| fail(e.to_string()))?;
+        ctx.log.info(&format!("kernel build tree: {}", tree.strip_prefix(&root).unwrap_or(&tree).display()));
+        for (from, to) in rewrite_absolute_includes(&tree, &root).map_err(|e| fail(e.to_string()))? {
+            ctx.log.info(&format!("Makefile: include {from} -> {to}"));
+        }
+
+        ctx.progress("preparing module source", 15);
+        let src = ctx.workdir.join("src");
+        self.cfg
+            .source
+            .materialize(&src, ctx.log.clone(), &ctx.cancel)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+
+        ctx.progress("building", 25);
+        let make = Cmd::new("make")
+            .arg(format!("-j{}", self.cfg.make_jobs.max(1)))
+            .arg("module")
+            .arg(format!("KDIR={}", tree.display()))
+            .env("SPAAS_URL", &self.cfg.spaas_url);
+        let make = self
+            .cfg
+            .sandbox
+            .wrap(make, &ctx.workdir, &src, self.cfg.build_network)
+            .timeout(Duration::from_secs(24 * 3600)); // the engine's job timeout governs
+        make.run(ctx.log.clone(), &ctx.cancel).await?;
+
+        ctx.progress("collecting modules", 85);
+        let mut kos: Vec<(String, PathBuf)> = Vec::new();
+        for e in walkdir::WalkDir::new(&src).into_iter().filter_map(Result::ok) {
+            if e.file_type().is_file() && e.path().extension().is_some_and(|x| x == "ko") {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if kos.iter().any(|(n, _)| *n == name) {
+                    return Err(fail(format!("two modules are named {name}")));
+                }
+                kos.push((name, e.path().to_path_buf()));
+            }
+        }
+        kos.sort();
+        if kos.is_empty() {
+            return Err(fail("make module succeeded but built no .ko files".into()));
+        }
+        if let Some(s) = &self.cfg.signing {
+            ctx.progress("signing", 90);
+            let hash = tree::sig_hash(&tree);
+            let sign_file = tree.join("scripts/sign-file");
+            for (name, path) in &kos {
+                let cmd = Cmd::new(&sign_file).arg(&hash).arg(&s.key).arg(&s.cert).arg(path);
+                self.cfg
+                    .sandbox
+                    .wrap(cmd, &ctx.workdir, &src, false)
+                    .timeout(Duration::from_secs(120))
+                    .run(ctx.log.clone(), &ctx.cancel)
+                    .await?;
+                ctx.log.info(&format!("signed {name} ({hash})"));
+            }
+        }
+        ctx.progress("storing", 95);
+        let tmp = self.cas.temp_path();
+        let (kos2, cas) = (kos.clone(), self.cas.clone());
+        let (digest, size) = tokio::task::spawn_blocking(move || -> Result<(Digest, u64), String> {
+            let f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+            let f = kiln_archive::pack_files(f, &kos2).map_err(|e| e.to_string())?;
+            f.sync_all().map_err(|e| format!("fsync {}: {e}", tmp.display()))?;
+            drop(f);
+            cas.ingest_file(&tmp).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| fail(e.to_string()))?
+        .map_err(fail)?;
+        let modules: Vec<String> = kos.into_iter().map(|(n, _)| n).collect();
+        let meta = serde_json::json!({"modules": modules, "kernel_version": p.kernel_version});
+        self.db
+            .put_artifact(KIND, &p.cache_key, &digest, size, &meta, Some(&ctx.id))
+            .and_then(|_| self.db.put_alias(KIND, &p.raw_alias, &p.cache_key))
+            .map_err(|e| fail(e.to_string()))?;
+        self.enforce_cache_cap();
+        tracing::info!(kernel_version = %p.kernel_version, cache_key = %p.cache_key, modules = ?modules, "modules cached");
+        Ok(KmodResult {
+            cache_key: p.cache_key.clone(),
+            artifact: digest,
+            size,
+            modules,
+            signed: self.cfg.signing.is_some(),
+            kernel_version: p.kernel_version.clone(),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl JobKind for Kmod {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    async fn run(&self, ctx: &JobContext, params: serde_json::Value) -> Result<serde_json::Value, JobError> {
+        let p: KmodParams = serde_json::from_value(params)
+            .map_err(|e| JobError::Failed(format!("malformed job parameters: {e}")))?;
+        tracing::info!(job_id = %ctx.id, kernel_version = %p.kernel_version, cache_key = %p.cache_key, "building kernel modules");
+        let r = self.build(ctx, &p).await?;
+        serde_json::to_value(r).map_err(|e| JobError::Failed(e.to_string()))
+    }
+}
