@@ -1,1 +1,110 @@
+//! The HTTP edge. Only this crate knows HTTP: it maps requests onto the
+//! engine and the job kinds, and their errors onto status codes. Routes keep
+//! the DRBD build server's paths and shapes exactly; everything else
+//! (jobs, logs, cancel, health, metrics) is kiln's own.
 
+mod error;
+mod kmod;
+mod jobs;
+
+pub use error::ApiError;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use kiln_engine::Engine;
+use kiln_kmod::Kmod;
+
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub kmod: Arc<Kmod>,
+    /// `--maxbytesbody`.
+    pub max_body: u64,
+    pub version: &'static str,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/v1/build", post(kmod::build).layer(DefaultBodyLimit::disable()))
+        .route("/api/v1/status/{job_id}", get(jobs::status))
+        .route("/api/v1/download/{job_id}", get(kmod::download))
+        .route("/api/v1/hello", get(hello))
+        .route("/api/v1/signing-cert", get(kmod::signing_cert))
+        .route("/api/v1/jobs", get(jobs::list))
+        .route("/api/v1/jobs/{job_id}", get(jobs::status).delete(jobs::cancel))
+        .route("/api/v1/jobs/{job_id}/logs", get(jobs::logs))
+        .route("/api/v1/cancel/{job_id}", delete(jobs::cancel))
+        .route("/health", get(health))
+        .route("/healthz", get(health))
+        .route("/livez", get(health))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+async fn hello(State(s): State<AppState>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({"message": "hello from kiln", "version": s.version}))
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// Ready when the database answers.
+async fn ready(State(s): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    s.engine
+        .db()
+        .cache_usage()
+        .map_err(|e| ApiError::unavailable(format!("database not ready: {e}")))?;
+    Ok(Json(serde_json::json!({"status": "ready"})))
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    let m = s.engine.metrics();
+    if let Ok(rows) = s.engine.db().count_by_status() {
+        m.jobs_active.reset();
+        for (kind, status, n) in rows {
+            m.jobs_active.with_label_values(&[&kind, status.as_str()]).set(n);
+        }
+    }
+    if let Ok((_, bytes)) = s.engine.db().cache_usage() {
+        m.cache_bytes.set(bytes as i64);
+    }
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        m.render(),
+    )
+        .into_response()
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
+}
+
+/// Count every request by route and status, and log it.
+async fn observe(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().clone();
+    let t = Instant::now();
+    let resp = next.run(req).await;
+    let code = resp.status().as_u16().to_string();
+    s.engine
+        .metrics()
+        .http_requests
+        .with_label_values(&[method.as_str(), &route, &code])
+        .inc();
+    tracing::info!(method = %method, route = %route, status = %code, ms = t.elapsed().as_millis() as u64, "request");
+    resp
+}

@@ -160,6 +160,14 @@ impl TempBlob {
         f.write_all(data).await.map_err(io("write", &self.path))
     }
 
+    /// Flush buffered writes so the file can be read by path.
+    pub async fn flush(&mut self) -> Result<()> {
+        if let Some(f) = self.file.as_mut() {
+            f.flush().await.map_err(io("flush", &self.path))?;
+        }
+        Ok(())
+    }
+
     pub fn size(&self) -> u64 {
         self.size
     }

@@ -1,0 +1,98 @@
+//! The one error type of the HTTP edge. Every failure becomes a status code
+//! and a JSON body `{"error": "...", "code": "..."}`; internal errors are
+//! logged in full and answered with a generic message, never their details.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    extra: Option<serde_json::Value>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into(), extra: None }
+    }
+    pub fn bad_request(m: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", m)
+    }
+    pub fn not_found(m: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::NOT_FOUND, "not_found", m)
+    }
+    pub fn too_large(limit: u64) -> ApiError {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request body exceeds the limit of {limit} bytes (--maxbytesbody)"),
+        )
+    }
+    pub fn unavailable(m: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
+    }
+    pub fn conflict(m: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::CONFLICT, "conflict", m)
+    }
+    /// Log the cause; answer only that something went wrong.
+    pub fn internal(cause: impl std::fmt::Display) -> ApiError {
+        tracing::error!(error = %cause, "internal error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the kiln log")
+    }
+    pub fn with(mut self, extra: serde_json::Value) -> ApiError {
+        self.extra = Some(extra);
+        self
+    }
+    pub fn with_status(mut self, status: StatusCode, code: &'static str) -> ApiError {
+        self.status = status;
+        self.code = code;
+        self
+    }
+    pub fn status_code(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = serde_json::json!({"error": self.message, "code": self.code});
+        if let (Some(serde_json::Value::Object(extra)), Some(obj)) = (self.extra, body.as_object_mut()) {
+            for (k, v) in extra {
+                obj.entry(k).or_insert(v);
+            }
+        }
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<kiln_engine::EngineError> for ApiError {
+    fn from(e: kiln_engine::EngineError) -> Self {
+        match e {
+            kiln_engine::EngineError::NotFound(id) => ApiError::not_found(format!("job {id} not found")),
+            e => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<kiln_store::StoreError> for ApiError {
+    fn from(e: kiln_store::StoreError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+impl From<kiln_kmod::KmodError> for ApiError {
+    fn from(e: kiln_kmod::KmodError) -> Self {
+        use kiln_kmod::KmodError as K;
+        match e {
+            K::Archive(a) if a.is_bad_input() => ApiError::bad_request(a.to_string()),
+            K::Source(s) => {
+                tracing::error!(error = %s, "module source unavailable");
+                ApiError::unavailable("the module source is unavailable; see the kiln log")
+            }
+            e => ApiError::internal(e),
+        }
+    }
+}

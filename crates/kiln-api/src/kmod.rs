@@ -1,0 +1,162 @@
+//! The DRBD build server's routes: build (upload headers), download, and
+//! the signing certificate.
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+use kiln_core::{JobId, JobStatus, KernelVersion};
+use kiln_kmod::Outcome;
+use kiln_store::Submitted;
+use serde::Deserialize;
+
+use crate::{ApiError, AppState};
+
+#[derive(Debug, Deserialize)]
+pub struct BuildQuery {
+    kernel_version: Option<String>,
+    #[serde(default)]
+    force: Option<String>,
+}
+
+fn truthy(v: &Option<String>) -> bool {
+    matches!(v.as_deref(), Some("" | "1" | "true" | "yes"))
+}
+
+async fn gzip_file(path: &std::path::Path, extra: &[(&'static str, String)]) -> Result<Response, ApiError> {
+    let f = tokio::fs::File::open(path).await.map_err(ApiError::internal)?;
+    let len = f.metadata().await.map_err(ApiError::internal)?.len();
+    let mut resp = Body::from_stream(tokio_util::io::ReaderStream::new(f)).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/gzip"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    for (k, v) in extra {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            h.insert(*k, v);
+        }
+    }
+    Ok(resp)
+}
+
+/// `POST /api/v1/build`: stream the headers to disk while hashing them,
+/// answer from the cache (200 + archive) or with a job (202).
+pub async fn build(
+    State(s): State<AppState>,
+    Query(q): Query<BuildQuery>,
+    headers: HeaderMap,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let kv = headers
+        .get("x-kernel-version")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or(q.kernel_version.clone())
+        .unwrap_or_default();
+    let kver: KernelVersion = kv.parse().map_err(|e: kiln_core::KernelVersionError| ApiError::bad_request(e.to_string()))?;
+    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
+        if len > s.max_body {
+            return Err(ApiError::too_large(s.max_body));
+        }
+    }
+    let mut upload = s.kmod.cas().writer().await.map_err(ApiError::internal)?;
+    let mut body = req.into_body().into_data_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?;
+        if upload.size() == 0 && !chunk.is_empty() && !kiln_archive::is_gzip(&chunk[..chunk.len().min(2)]) && chunk.len() >= 2 {
+            return Err(ApiError::bad_request("the body is not gzip data (send the kernel headers as a tar.gz)"));
+        }
+        if upload.size() + chunk.len() as u64 > s.max_body {
+            return Err(ApiError::too_large(s.max_body));
+        }
+        upload.write(&chunk).await.map_err(ApiError::internal)?;
+    }
+    if upload.size() == 0 {
+        return Err(ApiError::bad_request("empty body: send the kernel headers as a tar.gz"));
+    }
+    upload.flush().await.map_err(ApiError::internal)?;
+    let force = truthy(&q.force);
+    match s.kmod.request(&s.engine, upload, kver, force).await? {
+        Outcome::Hit { path, cache_key, job_id } => {
+            let mut extra = vec![("x-kiln-cache", "hit".to_string()), ("x-kiln-cache-key", cache_key)];
+            if let Some(j) = job_id {
+                extra.push(("x-kiln-job-id", j.to_string()));
+            }
+            gzip_file(&path, &extra).await
+        }
+        Outcome::Job(Submitted::Created(j) | Submitted::Joined(j)) => Ok((
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({
+                "status": if j.status == JobStatus::Pending { "building" } else { j.status.as_str() },
+                "job_id": j.id,
+                "status_url": format!("/api/v1/status/{}", j.id),
+                "logs_url": format!("/api/v1/jobs/{}/logs", j.id),
+            })),
+        )
+            .into_response()),
+        Outcome::Job(Submitted::PreviouslyFailed(j)) => {
+            let tail = kiln_engine::JobLog::tail(&s.engine.log_path(&j.id), 40);
+            Err(ApiError::bad_request(format!(
+                "this exact build failed before: {}; resend with ?force=true to build again",
+                j.error.clone().unwrap_or_default()
+            ))
+            .with_status(StatusCode::UNPROCESSABLE_ENTITY, "previously_failed")
+            .with(serde_json::json!({
+                "status": "failed",
+                "job_id": j.id,
+                "log": tail,
+                "logs_url": format!("/api/v1/jobs/{}/logs", j.id),
+            })))
+        }
+    }
+}
+
+/// `GET /api/v1/download/{job_id}`: 200 with the archive, 400 while the job
+/// is not completed, 404 for an unknown job or a lost archive.
+pub async fn download(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id: JobId = id.parse().map_err(|_| ApiError::not_found(format!("job {id:?} not found")))?;
+    let job = s.engine.get(&id)?.ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
+    if job.status != JobStatus::Completed {
+        return Err(ApiError::bad_request(format!("job {id} is {}, not completed", job.status)).with(serde_json::json!({"status": job.status})));
+    }
+    let r: kiln_kmod::KmodResult = job
+        .result
+        .and_then(|r| serde_json::from_value(r).ok())
+        .ok_or_else(|| ApiError::not_found(format!("job {id} has no module archive")))?;
+    let path = s
+        .kmod
+        .cas()
+        .verify(&r.artifact)
+        .map_err(|e| ApiError::not_found(format!("the archive of job {id} is no longer in the cache ({e}); build again")))?;
+    let name = format!("attachment; filename=\"kmod-{}-{}.tar.gz\"", r.kernel_version, id);
+    gzip_file(&path, &[("content-disposition", name)]).await
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CertQuery {
+    format: Option<String>,
+}
+
+/// `GET /api/v1/signing-cert`: the module signing certificate, DER for
+/// `mokutil --import` (or `?format=pem`).
+pub async fn signing_cert(State(s): State<AppState>, Query(q): Query<CertQuery>) -> Result<Response, ApiError> {
+    let sig = s
+        .kmod
+        .config()
+        .signing
+        .as_ref()
+        .ok_or_else(|| ApiError::not_found("module signing is not configured (--sign-key/--sign-cert)"))?;
+    if q.format.as_deref() == Some("pem") {
+        let pem = tokio::fs::read(&sig.cert).await.map_err(ApiError::internal)?;
+        return Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response());
+    }
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/pkix-cert"),
+            (header::CONTENT_DISPOSITION, "attachment; filename=\"kiln-signing-cert.der\""),
+        ],
+        sig.cert_der.clone(),
+    )
+        .into_response())
+}

@@ -1,0 +1,317 @@
+//! Command line, environment and config file, resolved once into a validated
+//! [`ServeConfig`]. Precedence: flags, then environment, then the config file
+//! (`--config`, TOML, same names as the flags with `_`), then defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about = "Builds and provisions what infrastructure hosts need, on demand.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Serve(ServeArgs),
+    /// Kernel module builds (client).
+    #[command(subcommand)]
+    Kmod(KmodCmd),
+    /// Show a job's status.
+    Status(StatusArgs),
+    /// Print a job's log; -f follows it while the job runs.
+    Logs(LogsArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KmodCmd {
+    /// Upload kernel headers, wait for the build, download the modules.
+    Build(KmodBuildArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file; keys are the long flag names with `_` for `-`.
+    #[arg(long, env = "KILN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Listen address, `host:port` or `:port` (all interfaces). [default: :2021]
+    #[arg(long, env = "KILN_ADDR")]
+    pub addr: Option<String>,
+    /// Module source directory, copied into each build. [default: /drbd]
+    #[arg(long = "drbd-dir", env = "KILN_DRBD_DIR")]
+    pub drbd_dir: Option<PathBuf>,
+    /// DRBD version to clone (branch drbd-VERSION of --drbd-repo) instead of --drbd-dir.
+    #[arg(long = "drbd-version", env = "DRBD_VERSION")]
+    pub drbd_version: Option<String>,
+    /// DRBD repository. [default: https://github.com/LINBIT/drbd.git]
+    #[arg(long = "drbd-repo", env = "DRBD_REPO")]
+    pub drbd_repo: Option<String>,
+    /// Cache directory (content-addressed blobs). [default: /var/cache/kiln]
+    #[arg(long = "cache-dir", env = "KILN_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// State directory (job database, logs, work dirs). [default: CACHE_DIR/state]
+    #[arg(long = "data-dir", env = "KILN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Maximum request body in bytes. [default: 104857600]
+    #[arg(long, env = "KILN_MAXBYTESBODY")]
+    pub maxbytesbody: Option<u64>,
+    /// Keep each job's work directory for debugging.
+    #[arg(long, env = "KILN_KEEPTMPDIR", num_args = 0..=1, default_missing_value = "true")]
+    pub keeptmpdir: Option<bool>,
+    /// TLS certificate (PEM); with --keyfile, serve HTTPS only.
+    #[arg(long, env = "KILN_CERTFILE")]
+    pub certfile: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, env = "KILN_KEYFILE")]
+    pub keyfile: Option<PathBuf>,
+    /// debug, info, warn or error. [default: info]
+    #[arg(long = "log-level", env = "KILN_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// json or text. [default: json]
+    #[arg(long = "log-format", env = "KILN_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// SPAAS service URL passed to builds. [default: https://spaas.drbd.io]
+    #[arg(long = "spaas-url", env = "SPAAS_URL")]
+    pub spaas_url: Option<String>,
+    /// Let builds use the network (DRBD's SPAAS needs it). [default: off]
+    #[arg(long = "build-network", env = "KILN_BUILD_NETWORK", num_args = 0..=1, default_missing_value = "true")]
+    pub build_network: Option<bool>,
+    /// Jobs run at once. [default: number of cores]
+    #[arg(long, env = "KILN_CONCURRENCY")]
+    pub concurrency: Option<usize>,
+    /// Per-job timeout in seconds. [default: 3600]
+    #[arg(long = "job-timeout", env = "KILN_JOB_TIMEOUT")]
+    pub job_timeout: Option<u64>,
+    /// Cache size cap in bytes; least recently used blobs are evicted. [default: 20 GiB]
+    #[arg(long = "cache-max-bytes", env = "KILN_CACHE_MAX_BYTES")]
+    pub cache_max_bytes: Option<u64>,
+    /// Cap on bytes extracted from one upload. [default: 4 GiB]
+    #[arg(long = "max-extract-bytes", env = "KILN_MAX_EXTRACT_BYTES")]
+    pub max_extract_bytes: Option<u64>,
+    /// Cap on entries in one upload. [default: 500000]
+    #[arg(long = "max-extract-entries", env = "KILN_MAX_EXTRACT_ENTRIES")]
+    pub max_extract_entries: Option<u64>,
+    /// Private key for module signing (with --sign-cert).
+    #[arg(long = "sign-key", env = "KILN_SIGN_KEY")]
+    pub sign_key: Option<PathBuf>,
+    /// X.509 certificate for module signing (PEM or DER).
+    #[arg(long = "sign-cert", env = "KILN_SIGN_CERT")]
+    pub sign_cert: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    addr: Option<String>,
+    drbd_dir: Option<PathBuf>,
+    drbd_version: Option<String>,
+    drbd_repo: Option<String>,
+    cache_dir: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    maxbytesbody: Option<u64>,
+    keeptmpdir: Option<bool>,
+    certfile: Option<PathBuf>,
+    keyfile: Option<PathBuf>,
+    log_level: Option<String>,
+    log_format: Option<String>,
+    spaas_url: Option<String>,
+    build_network: Option<bool>,
+    concurrency: Option<usize>,
+    job_timeout: Option<u64>,
+    cache_max_bytes: Option<u64>,
+    max_extract_bytes: Option<u64>,
+    max_extract_entries: Option<u64>,
+    sign_key: Option<PathBuf>,
+    sign_cert: Option<PathBuf>,
+}
+
+/// The validated daemon configuration.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub addr: SocketAddr,
+    pub source: SourceChoice,
+    pub cache_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub max_body: u64,
+    pub keep_tmpdir: bool,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub log_level: String,
+    pub log_json: bool,
+    pub spaas_url: String,
+    pub build_network: bool,
+    pub concurrency: usize,
+    pub job_timeout: Duration,
+    pub cache_max_bytes: u64,
+    pub max_extract_bytes: u64,
+    pub max_extract_entries: u64,
+    pub signing: Option<(PathBuf, PathBuf)>,
+}
+
+#[derive(Debug, Clone)]
+pub enum SourceChoice {
+    Dir(PathBuf),
+    Git { version: String, repo: String },
+}
+
+/// `:2021` means every interface, as in Go.
+pub fn parse_addr(s: &str) -> Result<SocketAddr> {
+    let full = if s.starts_with(':') { format!("0.0.0.0{s}") } else { s.to_string() };
+    full.parse().with_context(|| format!("invalid --addr {s:?}: want host:port or :port"))
+}
+
+impl ServeArgs {
+    pub fn resolve(self) -> Result<ServeConfig> {
+        let file: FileConfig = match &self.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("reading config file {}", p.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing config file {}", p.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let addr = parse_addr(&self.addr.or(file.addr).unwrap_or_else(|| ":2021".into()))?;
+        let version = self.drbd_version.or(file.drbd_version).filter(|v| !v.is_empty());
+        let repo = self.drbd_repo.or(file.drbd_repo).unwrap_or_else(|| "https://github.com/LINBIT/drbd.git".into());
+        let source = match version {
+            Some(version) => SourceChoice::Git { version, repo },
+            None => SourceChoice::Dir(self.drbd_dir.or(file.drbd_dir).unwrap_or_else(|| "/drbd".into())),
+        };
+        let cache_dir = self.cache_dir.or(file.cache_dir).unwrap_or_else(|| "/var/cache/kiln".into());
+        let data_dir = self.data_dir.or(file.data_dir).unwrap_or_else(|| cache_dir.join("state"));
+        let tls = match (self.certfile.or(file.certfile), self.keyfile.or(file.keyfile)) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => bail!("--certfile and --keyfile go together"),
+        };
+        let signing = match (self.sign_key.or(file.sign_key), self.sign_cert.or(file.sign_cert)) {
+            (Some(k), Some(c)) => Some((k, c)),
+            (None, None) => None,
+            _ => bail!("--sign-key and --sign-cert go together"),
+        };
+        let log_level = self.log_level.or(file.log_level).unwrap_or_else(|| "info".into());
+        if !["trace", "debug", "info", "warn", "error"].contains(&log_level.as_str()) {
+            bail!("invalid --log-level {log_level:?}: one of debug, info, warn, error");
+        }
+        let log_format = self.log_format.or(file.log_format).unwrap_or_else(|| "json".into());
+        if !["json", "text"].contains(&log_format.as_str()) {
+            bail!("invalid --log-format {log_format:?}: json or text");
+        }
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let concurrency = self.concurrency.or(file.concurrency).unwrap_or(cores);
+        if concurrency == 0 {
+            bail!("--concurrency must be at least 1");
+        }
+        let max_body = self.maxbytesbody.or(file.maxbytesbody).unwrap_or(100 << 20);
+        if max_body == 0 {
+            bail!("--maxbytesbody must be positive");
+        }
+        Ok(ServeConfig {
+            addr,
+            source,
+            cache_dir,
+            data_dir,
+            max_body,
+            keep_tmpdir: self.keeptmpdir.or(file.keeptmpdir).unwrap_or(false),
+            tls,
+            log_level,
+            log_json: log_format == "json",
+            spaas_url: self.spaas_url.or(file.spaas_url).unwrap_or_else(|| "https://spaas.drbd.io".into()),
+            build_network: self.build_network.or(file.build_network).unwrap_or(false),
+            concurrency,
+            job_timeout: Duration::from_secs(self.job_timeout.or(file.job_timeout).unwrap_or(3600).max(1)),
+            cache_max_bytes: self.cache_max_bytes.or(file.cache_max_bytes).unwrap_or(20 << 30),
+            max_extract_bytes: self.max_extract_bytes.or(file.max_extract_bytes).unwrap_or(4 << 30),
+            max_extract_entries: self.max_extract_entries.or(file.max_extract_entries).unwrap_or(500_000),
+            signing,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// kiln server URL.
+    #[arg(long, env = "KILN_SERVER", default_value = "http://127.0.0.1:2021")]
+    pub server: String,
+}
+
+#[derive(Debug, Args)]
+pub struct KmodBuildArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Kernel version. [default: the running kernel]
+    #[arg(long = "kernel-version")]
+    pub kernel_version: Option<String>,
+    /// Headers: a build tree directory or a tar.gz. [default: /lib/modules/KVER/build]
+    #[arg(long)]
+    pub headers: Option<PathBuf>,
+    /// Where to write the module archive. [default: kmod-KVER.tar.gz]
+    #[arg(short = 'o', long = "output")]
+    pub output: Option<PathBuf>,
+    /// Build again even if the same build failed before.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub job_id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub job_id: String,
+    /// Follow the log until the job finishes.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+}
+
+pub fn ensure_dir(p: &Path, what: &str) -> Result<()> {
+    std::fs::create_dir_all(p).with_context(|| format!("creating {what} {}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addr_forms() {
+        assert_eq!(parse_addr(":2021").unwrap().to_string(), "0.0.0.0:2021");
+        assert_eq!(parse_addr("127.0.0.1:9").unwrap().to_string(), "127.0.0.1:9");
+        assert!(parse_addr("nope").is_err());
+    }
+
+    #[test]
+    fn precedence_flag_then_file_then_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("kiln.toml");
+        std::fs::write(&f, "addr = \"127.0.0.1:7000\"\nmaxbytesbody = 5\ncache_dir = \"/srv/c\"\n").unwrap();
+        let Cli { command: Command::Serve(args) } =
+            Cli::parse_from(["kiln", "serve", "--config", f.to_str().unwrap(), "--maxbytesbody", "9"])
+        else {
+            panic!()
+        };
+        let c = args.resolve().unwrap();
+        assert_eq!(c.addr.to_string(), "127.0.0.1:7000");
+        assert_eq!(c.max_body, 9);
+        assert_eq!(c.data_dir, PathBuf::from("/srv/c/state"));
+        assert!(matches!(c.source, SourceChoice::Dir(ref p) if p == Path::new("/drbd")));
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let Cli { command: Command::Serve(args) } = Cli::parse_from(["kiln", "serve", "--certfile", "/x"]) else { panic!() };
+        assert!(args.resolve().unwrap_err().to_string().contains("go together"));
+        let Cli { command: Command::Serve(args) } = Cli::parse_from(["kiln", "serve", "--log-level", "loud"]) else { panic!() };
+        assert!(args.resolve().is_err());
+    }
+}
