@@ -16,7 +16,12 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into(), extra: None }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            extra: None,
+        }
     }
     pub fn bad_request(m: impl Into<String>) -> ApiError {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", m)
@@ -40,7 +45,11 @@ impl ApiError {
     /// Log the cause; answer only that something went wrong.
     pub fn internal(cause: impl std::fmt::Display) -> ApiError {
         tracing::error!(error = %cause, "internal error");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the kiln log")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the kiln log",
+        )
     }
     pub fn with(mut self, extra: serde_json::Value) -> ApiError {
         self.extra = Some(extra);
@@ -59,7 +68,9 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut body = serde_json::json!({"error": self.message, "code": self.code});
-        if let (Some(serde_json::Value::Object(extra)), Some(obj)) = (self.extra, body.as_object_mut()) {
+        if let (Some(serde_json::Value::Object(extra)), Some(obj)) =
+            (self.extra, body.as_object_mut())
+        {
             for (k, v) in extra {
                 obj.entry(k).or_insert(v);
             }
@@ -71,7 +82,9 @@ impl IntoResponse for ApiError {
 impl From<kiln_engine::EngineError> for ApiError {
     fn from(e: kiln_engine::EngineError) -> Self {
         match e {
-            kiln_engine::EngineError::NotFound(id) => ApiError::not_found(format!("job {id} not found")),
+            kiln_engine::EngineError::NotFound(id) => {
+                ApiError::not_found(format!("job {id} not found"))
+            }
             e => ApiError::internal(e),
         }
     }

@@ -19,7 +19,10 @@ use crate::{ApiError, AppState};
 fn rfc3339(ms: i64) -> String {
     OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 
@@ -44,14 +47,18 @@ pub fn go_duration(ms: i64) -> String {
 }
 
 fn parse_id(id: &str) -> Result<JobId, ApiError> {
-    id.parse().map_err(|_| ApiError::not_found(format!("job {id:?} not found")).with(serde_json::json!({"status": "notExist"})))
+    id.parse().map_err(|_| {
+        ApiError::not_found(format!("job {id:?} not found"))
+            .with(serde_json::json!({"status": "notExist"}))
+    })
 }
 
 fn get_job(s: &AppState, id: &str) -> Result<JobRow, ApiError> {
     let id = parse_id(id)?;
-    s.engine
-        .get(&id)?
-        .ok_or_else(|| ApiError::not_found(format!("job {id} not found")).with(serde_json::json!({"status": "notExist", "job_id": id})))
+    s.engine.get(&id)?.ok_or_else(|| {
+        ApiError::not_found(format!("job {id} not found"))
+            .with(serde_json::json!({"status": "notExist", "job_id": id}))
+    })
 }
 
 /// The seed's status document, plus `kind`, `error`, `progress`, `attempts`.
@@ -86,10 +93,20 @@ pub fn job_json(s: &AppState, j: &JobRow) -> serde_json::Value {
     }
     if j.status == JobStatus::Completed {
         if let Some(r) = &j.result {
-            if let Some(d) = r.get("artifact").and_then(|d| d.as_str()).and_then(|d| d.parse().ok()) {
-                o.insert("cache_path".into(), s.kmod.cas().path(&d).display().to_string().into());
+            if let Some(d) = r
+                .get("artifact")
+                .and_then(|d| d.as_str())
+                .and_then(|d| d.parse().ok())
+            {
+                o.insert(
+                    "cache_path".into(),
+                    s.kmod.cas().path(&d).display().to_string().into(),
+                );
             }
-            o.insert("download_url".into(), format!("/api/v1/download/{}", j.id).into());
+            o.insert(
+                "download_url".into(),
+                format!("/api/v1/download/{}", j.id).into(),
+            );
             o.insert("result".into(), r.clone());
         }
     }
@@ -98,9 +115,16 @@ pub fn job_json(s: &AppState, j: &JobRow) -> serde_json::Value {
 
 /// `GET /api/v1/status/{id}`: 200 when finished, 202 while pending or
 /// building, 404 when unknown.
-pub async fn status(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn status(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let j = get_job(&s, &id)?;
-    let code = if j.status.is_terminal() { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let code = if j.status.is_terminal() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
     Ok((code, Json(job_json(&s, &j))).into_response())
 }
 
@@ -112,23 +136,36 @@ pub struct ListQuery {
 }
 
 /// `GET /api/v1/jobs?status=&kind=&limit=`: newest first.
-pub async fn list(State(s): State<AppState>, Query(q): Query<ListQuery>) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn list(
+    State(s): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let status = q
         .status
         .as_deref()
         .map(str::parse::<JobStatus>)
         .transpose()
         .map_err(ApiError::bad_request)?;
-    let rows = s.engine.list(&JobFilter { status, kind: q.kind, limit: q.limit })?;
+    let rows = s.engine.list(&JobFilter {
+        status,
+        kind: q.kind,
+        limit: q.limit,
+    })?;
     let jobs: Vec<_> = rows.iter().map(|j| job_json(&s, j)).collect();
     Ok(Json(serde_json::json!({"jobs": jobs, "count": jobs.len()})))
 }
 
 /// `DELETE /api/v1/jobs/{id}`: cancel, killing the build's process tree.
-pub async fn cancel(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn cancel(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let before = get_job(&s, &id)?;
     if before.status.is_terminal() {
-        return Err(ApiError::conflict(format!("job {} already {}", before.id, before.status)).with(job_json(&s, &before)));
+        return Err(
+            ApiError::conflict(format!("job {} already {}", before.id, before.status))
+                .with(job_json(&s, &before)),
+        );
     }
     let j = s.engine.cancel(&before.id).await?;
     tracing::info!(job.id = %j.id, status = %j.status, "cancel requested");
@@ -141,7 +178,11 @@ pub struct LogQuery {
 }
 
 /// `GET /api/v1/jobs/{id}/logs[?follow=true]`.
-pub async fn logs(State(s): State<AppState>, Path(id): Path<String>, Query(q): Query<LogQuery>) -> Result<Response, ApiError> {
+pub async fn logs(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Result<Response, ApiError> {
     let j = get_job(&s, &id)?;
     let path = s.engine.log_path(&j.id);
     let follow = matches!(q.follow.as_deref(), Some("" | "1" | "true" | "yes"));
@@ -152,9 +193,15 @@ pub async fn logs(State(s): State<AppState>, Path(id): Path<String>, Query(q): Q
     }
     let engine = s.engine.clone();
     let id = j.id.clone();
-    let done: Arc<dyn Fn() -> bool + Send + Sync> =
-        Arc::new(move || engine.get(&id).ok().flatten().is_none_or(|j| j.status.is_terminal()));
-    let stream = kiln_engine::follow_log(path, done).filter(|c| futures::future::ready(!matches!(c, Ok(b) if b.is_empty())));
+    let done: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || {
+        engine
+            .get(&id)
+            .ok()
+            .flatten()
+            .is_none_or(|j| j.status.is_terminal())
+    });
+    let stream = kiln_engine::follow_log(path, done)
+        .filter(|c| futures::future::ready(!matches!(c, Ok(b) if b.is_empty())));
     Ok((text_plain, Body::from_stream(stream)).into_response())
 }
 

@@ -25,12 +25,20 @@ fn truthy(v: &Option<String>) -> bool {
     matches!(v.as_deref(), Some("" | "1" | "true" | "yes"))
 }
 
-async fn gzip_file(path: &std::path::Path, extra: &[(&'static str, String)]) -> Result<Response, ApiError> {
-    let f = tokio::fs::File::open(path).await.map_err(ApiError::internal)?;
+async fn gzip_file(
+    path: &std::path::Path,
+    extra: &[(&'static str, String)],
+) -> Result<Response, ApiError> {
+    let f = tokio::fs::File::open(path)
+        .await
+        .map_err(ApiError::internal)?;
     let len = f.metadata().await.map_err(ApiError::internal)?.len();
     let mut resp = Body::from_stream(tokio_util::io::ReaderStream::new(f)).into_response();
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/gzip"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/gzip"),
+    );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     for (k, v) in extra {
         if let Ok(v) = HeaderValue::from_str(v) {
@@ -54,8 +62,13 @@ pub async fn build(
         .map(str::to_string)
         .or(q.kernel_version.clone())
         .unwrap_or_default();
-    let kver: KernelVersion = kv.parse().map_err(|e: kiln_core::KernelVersionError| ApiError::bad_request(e.to_string()))?;
-    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
+    let kver: KernelVersion = kv
+        .parse()
+        .map_err(|e: kiln_core::KernelVersionError| ApiError::bad_request(e.to_string()))?;
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    {
         if len > s.max_body {
             return Err(ApiError::too_large(s.max_body));
         }
@@ -63,9 +76,16 @@ pub async fn build(
     let mut upload = s.kmod.cas().writer().await.map_err(ApiError::internal)?;
     let mut body = req.into_body().into_data_stream();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?;
-        if upload.size() == 0 && !chunk.is_empty() && !kiln_archive::is_gzip(&chunk[..chunk.len().min(2)]) && chunk.len() >= 2 {
-            return Err(ApiError::bad_request("the body is not gzip data (send the kernel headers as a tar.gz)"));
+        let chunk =
+            chunk.map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?;
+        if upload.size() == 0
+            && !chunk.is_empty()
+            && !kiln_archive::is_gzip(&chunk[..chunk.len().min(2)])
+            && chunk.len() >= 2
+        {
+            return Err(ApiError::bad_request(
+                "the body is not gzip data (send the kernel headers as a tar.gz)",
+            ));
         }
         if upload.size() + chunk.len() as u64 > s.max_body {
             return Err(ApiError::too_large(s.max_body));
@@ -73,7 +93,9 @@ pub async fn build(
         upload.write(&chunk).await.map_err(ApiError::internal)?;
     }
     if upload.size() == 0 {
-        return Err(ApiError::bad_request("empty body: send the kernel headers as a tar.gz"));
+        return Err(ApiError::bad_request(
+            "empty body: send the kernel headers as a tar.gz",
+        ));
     }
     upload.flush().await.map_err(ApiError::internal)?;
     let force = truthy(&q.force);
@@ -114,22 +136,36 @@ pub async fn build(
 
 /// `GET /api/v1/download/{job_id}`: 200 with the archive, 400 while the job
 /// is not completed, 404 for an unknown job or a lost archive.
-pub async fn download(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let id: JobId = id.parse().map_err(|_| ApiError::not_found(format!("job {id:?} not found")))?;
-    let job = s.engine.get(&id)?.ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
+pub async fn download(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id: JobId = id
+        .parse()
+        .map_err(|_| ApiError::not_found(format!("job {id:?} not found")))?;
+    let job = s
+        .engine
+        .get(&id)?
+        .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
     if job.status != JobStatus::Completed {
-        return Err(ApiError::bad_request(format!("job {id} is {}, not completed", job.status)).with(serde_json::json!({"status": job.status})));
+        return Err(
+            ApiError::bad_request(format!("job {id} is {}, not completed", job.status))
+                .with(serde_json::json!({"status": job.status})),
+        );
     }
     let r: kiln_kmod::KmodResult = job
         .result
         .and_then(|r| serde_json::from_value(r).ok())
         .ok_or_else(|| ApiError::not_found(format!("job {id} has no module archive")))?;
-    let path = s
-        .kmod
-        .cas()
-        .verify(&r.artifact)
-        .map_err(|e| ApiError::not_found(format!("the archive of job {id} is no longer in the cache ({e}); build again")))?;
-    let name = format!("attachment; filename=\"kmod-{}-{}.tar.gz\"", r.kernel_version, id);
+    let path = s.kmod.cas().verify(&r.artifact).map_err(|e| {
+        ApiError::not_found(format!(
+            "the archive of job {id} is no longer in the cache ({e}); build again"
+        ))
+    })?;
+    let name = format!(
+        "attachment; filename=\"kmod-{}-{}.tar.gz\"",
+        r.kernel_version, id
+    );
     gzip_file(&path, &[("content-disposition", name)]).await
 }
 
@@ -140,21 +176,26 @@ pub struct CertQuery {
 
 /// `GET /api/v1/signing-cert`: the module signing certificate, DER for
 /// `mokutil --import` (or `?format=pem`).
-pub async fn signing_cert(State(s): State<AppState>, Query(q): Query<CertQuery>) -> Result<Response, ApiError> {
-    let sig = s
-        .kmod
-        .config()
-        .signing
-        .as_ref()
-        .ok_or_else(|| ApiError::not_found("module signing is not configured (--sign-key/--sign-cert)"))?;
+pub async fn signing_cert(
+    State(s): State<AppState>,
+    Query(q): Query<CertQuery>,
+) -> Result<Response, ApiError> {
+    let sig = s.kmod.config().signing.as_ref().ok_or_else(|| {
+        ApiError::not_found("module signing is not configured (--sign-key/--sign-cert)")
+    })?;
     if q.format.as_deref() == Some("pem") {
-        let pem = tokio::fs::read(&sig.cert).await.map_err(ApiError::internal)?;
+        let pem = tokio::fs::read(&sig.cert)
+            .await
+            .map_err(ApiError::internal)?;
         return Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response());
     }
     Ok((
         [
             (header::CONTENT_TYPE, "application/pkix-cert"),
-            (header::CONTENT_DISPOSITION, "attachment; filename=\"kiln-signing-cert.der\""),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"kiln-signing-cert.der\"",
+            ),
         ],
         sig.cert_der.clone(),
     )

@@ -4,8 +4,8 @@
 //! (jobs, logs, cancel, health, metrics) is kiln's own.
 
 mod error;
-mod kmod;
 mod jobs;
+mod kmod;
 
 pub use error::ApiError;
 
@@ -31,13 +31,19 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/api/v1/build", post(kmod::build).layer(DefaultBodyLimit::disable()))
+        .route(
+            "/api/v1/build",
+            post(kmod::build).layer(DefaultBodyLimit::disable()),
+        )
         .route("/api/v1/status/{job_id}", get(jobs::status))
         .route("/api/v1/download/{job_id}", get(kmod::download))
         .route("/api/v1/hello", get(hello))
         .route("/api/v1/signing-cert", get(kmod::signing_cert))
         .route("/api/v1/jobs", get(jobs::list))
-        .route("/api/v1/jobs/{job_id}", get(jobs::status).delete(jobs::cancel))
+        .route(
+            "/api/v1/jobs/{job_id}",
+            get(jobs::status).delete(jobs::cancel),
+        )
         .route("/api/v1/jobs/{job_id}/logs", get(jobs::logs))
         .route("/api/v1/cancel/{job_id}", delete(jobs::cancel))
         .route("/health", get(health))
@@ -72,21 +78,30 @@ async fn metrics(State(s): State<AppState>) -> Response {
     if let Ok(rows) = s.engine.db().count_by_status() {
         m.jobs_active.reset();
         for (kind, status, n) in rows {
-            m.jobs_active.with_label_values(&[&kind, status.as_str()]).set(n);
+            m.jobs_active
+                .with_label_values(&[&kind, status.as_str()])
+                .set(n);
         }
     }
     if let Ok((_, bytes)) = s.engine.db().cache_usage() {
         m.cache_bytes.set(bytes as i64);
     }
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         m.render(),
     )
         .into_response()
 }
 
 async fn not_found(req: Request) -> ApiError {
-    ApiError::not_found(format!("no route for {} {}", req.method(), req.uri().path()))
+    ApiError::not_found(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
 }
 
 /// Count every request by route and status, and log it.

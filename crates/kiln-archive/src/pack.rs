@@ -47,9 +47,12 @@ pub fn pack_files<W: Write>(w: W, files: &[(String, PathBuf)]) -> Result<W, Arch
 /// inside one of the roots are kept as links; links that leave them are
 /// followed and their contents stored in place, so the archive is
 /// self-contained.
+/// `links` are extra `(name, target)` symlinks, e.g. `lib/modules/KVER/build`
+/// pointing at the tree's absolute path.
 pub fn pack_tree_rooted<W: Write>(
     w: W,
     roots: &[PathBuf],
+    links: &[(PathBuf, PathBuf)],
     mut progress: impl FnMut(u64),
 ) -> Result<W, ArchiveError> {
     let canon: Vec<PathBuf> = roots
@@ -59,11 +62,12 @@ pub fn pack_tree_rooted<W: Write>(
     let mut b = tar::Builder::new(GzEncoder::new(w, Compression::fast()));
     let mut seen = HashSet::new();
     for (root, real) in roots.iter().zip(&canon) {
-        let name = root
-            .strip_prefix("/")
-            .unwrap_or(root)
-            .to_path_buf();
+        let name = root.strip_prefix("/").unwrap_or(root).to_path_buf();
         add_dir(&mut b, real, &name, &canon, &mut seen, &mut progress)?;
+    }
+    for (name, target) in links {
+        let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+        b.append_link(&mut h, name, target).map_err(io_err(name))?;
     }
     let gz = b.into_inner().map_err(io_err(Path::new("<archive>")))?;
     gz.finish().map_err(io_err(Path::new("<archive>")))
@@ -77,11 +81,15 @@ fn add_dir<W: Write>(
     seen: &mut HashSet<PathBuf>,
     progress: &mut impl FnMut(u64),
 ) -> Result<(), ArchiveError> {
+    // `seen` holds the directories being walked above this one: a link back
+    // to one of them is a cycle. The same directory reached twice through
+    // different links is stored twice, as each link's contents.
     if !seen.insert(real.to_path_buf()) {
-        return Ok(()); // a link cycle, or a directory reached twice
+        return Ok(());
     }
     let mut h = header(tar::EntryType::Directory, 0o755, 0);
-    b.append_data(&mut h, name, io::empty()).map_err(io_err(real))?;
+    b.append_data(&mut h, name, io::empty())
+        .map_err(io_err(real))?;
     let mut entries: Vec<_> = fs::read_dir(real)
         .map_err(io_err(real))?
         .collect::<Result<_, _>>()
@@ -99,7 +107,8 @@ fn add_dir<W: Write>(
             if roots.iter().any(|r| target_real.starts_with(r)) {
                 let target = fs::read_link(&path).map_err(io_err(&path))?;
                 let mut h = header(tar::EntryType::Symlink, 0o777, 0);
-                b.append_link(&mut h, &child, &target).map_err(io_err(&path))?;
+                b.append_link(&mut h, &child, &target)
+                    .map_err(io_err(&path))?;
             } else if target_real.is_dir() {
                 add_dir(b, &target_real, &child, roots, seen, progress)?;
             } else {
@@ -111,6 +120,7 @@ fn add_dir<W: Write>(
             add_file(b, &path, &child, progress)?;
         }
     }
+    seen.remove(real);
     Ok(())
 }
 
@@ -123,7 +133,11 @@ fn add_file<W: Write>(
     use std::os::unix::fs::PermissionsExt;
     let mut f = fs::File::open(path).map_err(io_err(path))?;
     let meta = f.metadata().map_err(io_err(path))?;
-    let mut h = header(tar::EntryType::Regular, meta.permissions().mode() & 0o777, meta.len());
+    let mut h = header(
+        tar::EntryType::Regular,
+        meta.permissions().mode() & 0o777,
+        meta.len(),
+    );
     b.append_data(&mut h, name, &mut f).map_err(io_err(path))?;
     progress(meta.len());
     Ok(())

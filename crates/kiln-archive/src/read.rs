@@ -102,7 +102,11 @@ fn link_target(entry: &[&[u8]], raw_target: &[u8]) -> Result<Vec<u8>, ArchiveErr
     let parent = &entry[..entry.len().saturating_sub(1)];
     let absolute = raw_target[0] == b'/';
     // Resolve lexically from the root to check containment.
-    let mut resolved: Vec<&[u8]> = if absolute { Vec::new() } else { parent.to_vec() };
+    let mut resolved: Vec<&[u8]> = if absolute {
+        Vec::new()
+    } else {
+        parent.to_vec()
+    };
     for c in raw_target.split(|b| *b == b'/') {
         match c {
             b"" | b"." => {}
@@ -209,7 +213,10 @@ fn walk(r: impl Read, limits: Limits, dest: Option<&Path>) -> Result<TreeSummary
             if kind.is_dir() {
                 continue;
             }
-            return Err(ArchiveError::Corrupt(format!("entry {:?} has no name", lossy(&raw))));
+            return Err(ArchiveError::Corrupt(format!(
+                "entry {:?} has no name",
+                lossy(&raw)
+            )));
         }
         match kind {
             EntryType::Directory => {
@@ -274,7 +281,9 @@ fn walk(r: impl Read, limits: Limits, dest: Option<&Path>) -> Result<TreeSummary
             EntryType::Symlink => {
                 let raw_target = entry
                     .link_name_bytes()
-                    .ok_or_else(|| ArchiveError::Corrupt(format!("symlink {:?} has no target", lossy(&raw))))?
+                    .ok_or_else(|| {
+                        ArchiveError::Corrupt(format!("symlink {:?} has no target", lossy(&raw)))
+                    })?
                     .into_owned();
                 let target = link_target(&comps, &raw_target)?;
                 if let Some(dest) = dest {
@@ -289,7 +298,9 @@ fn walk(r: impl Read, limits: Limits, dest: Option<&Path>) -> Result<TreeSummary
             EntryType::Link => {
                 let raw_target = entry
                     .link_name_bytes()
-                    .ok_or_else(|| ArchiveError::Corrupt(format!("hardlink {:?} has no target", lossy(&raw))))?
+                    .ok_or_else(|| {
+                        ArchiveError::Corrupt(format!("hardlink {:?} has no target", lossy(&raw)))
+                    })?
                     .into_owned();
                 let escapes = || ArchiveError::LinkEscapes {
                     entry: lossy(&raw),
@@ -308,7 +319,13 @@ fn walk(r: impl Read, limits: Limits, dest: Option<&Path>) -> Result<TreeSummary
                     clear(&p)?;
                     fs::hard_link(&src, &p).map_err(io_err(&p))?;
                 }
-                records.insert(key, Record::File { mode: tmode, content });
+                records.insert(
+                    key,
+                    Record::File {
+                        mode: tmode,
+                        content,
+                    },
+                );
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
                 return Err(ArchiveError::DeviceNode { entry: lossy(&raw) })
@@ -345,7 +362,9 @@ fn walk(r: impl Read, limits: Limits, dest: Option<&Path>) -> Result<TreeSummary
         h.field(path);
         match rec {
             Record::File { mode, content } => {
-                h.field(b"f").field(&mode.to_le_bytes()).field(content.as_bytes());
+                h.field(b"f")
+                    .field(&mode.to_le_bytes())
+                    .field(content.as_bytes());
             }
             Record::Link { target } => {
                 h.field(b"l").field(target);
@@ -365,9 +384,18 @@ mod tests {
 
     #[test]
     fn components_normalise_and_refuse() {
-        assert_eq!(components(b"./a//b/./c").unwrap(), vec![&b"a"[..], b"b", b"c"]);
-        assert!(matches!(components(b"/etc/passwd"), Err(ArchiveError::Absolute { .. })));
-        assert!(matches!(components(b"a/../../b"), Err(ArchiveError::Traversal { .. })));
+        assert_eq!(
+            components(b"./a//b/./c").unwrap(),
+            vec![&b"a"[..], b"b", b"c"]
+        );
+        assert!(matches!(
+            components(b"/etc/passwd"),
+            Err(ArchiveError::Absolute { .. })
+        ));
+        assert!(matches!(
+            components(b"a/../../b"),
+            Err(ArchiveError::Traversal { .. })
+        ));
     }
 
     #[test]

@@ -67,9 +67,9 @@ impl FromStr for KernelVersion {
             for part in rest.split('-') {
                 if part.is_empty()
                     || part.starts_with('.')
-                    || !part
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'+' | b'~'))
+                    || !part.bytes().all(|b| {
+                        b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'+' | b'~')
+                    })
                 {
                     return Err(invalid());
                 }
@@ -121,7 +121,10 @@ mod tests {
             let k: KernelVersion = ok.parse().unwrap_or_else(|e| panic!("{ok}: {e}"));
             assert_eq!(k.as_str(), ok);
         }
-        assert_eq!("6.1.0-28-amd64".parse::<KernelVersion>().unwrap().numbers(), (6, 1, 0));
+        assert_eq!(
+            "6.1.0-28-amd64".parse::<KernelVersion>().unwrap().numbers(),
+            (6, 1, 0)
+        );
     }
 
     #[test]
@@ -140,6 +143,9 @@ mod tests {
         ] {
             assert!(bad.parse::<KernelVersion>().is_err(), "{bad} accepted");
         }
-        assert_eq!("".parse::<KernelVersion>(), Err(KernelVersionError::Missing));
+        assert_eq!(
+            "".parse::<KernelVersion>(),
+            Err(KernelVersionError::Missing)
+        );
     }
 }

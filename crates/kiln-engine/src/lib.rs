@@ -27,8 +27,11 @@ pub trait JobKind: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
     /// Run one job. Called again after a restart if the job was cut off, so
     /// it must start from its params, not from half-done state.
-    async fn run(&self, ctx: &JobContext, params: serde_json::Value)
-        -> Result<serde_json::Value, JobError>;
+    async fn run(
+        &self,
+        ctx: &JobContext,
+        params: serde_json::Value,
+    ) -> Result<serde_json::Value, JobError>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +111,9 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("owner", &self.owner).finish()
+        f.debug_struct("Engine")
+            .field("owner", &self.owner)
+            .finish()
     }
 }
 
@@ -198,12 +203,16 @@ impl Engine {
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            return self.db.get(id)?.ok_or_else(|| EngineError::NotFound(id.clone()));
+            return self
+                .db
+                .get(id)?
+                .ok_or_else(|| EngineError::NotFound(id.clone()));
         }
         match self.db.cancel_pending(id) {
             Ok(j) => {
                 if j.status == JobStatus::Cancelled {
-                    self.metrics.job_finished(&j.kind, JobStatus::Cancelled, None);
+                    self.metrics
+                        .job_finished(&j.kind, JobStatus::Cancelled, None);
                 }
                 Ok(j)
             }
@@ -215,7 +224,10 @@ impl Engine {
     /// Re-queue or fail jobs a previous run left `building`, then start the
     /// workers. They stop when `shutdown` fires; a job cut off that way is
     /// re-run at the next start.
-    pub fn start(self: &Arc<Self>, shutdown: CancellationToken) -> Result<tokio::task::JoinSet<()>, EngineError> {
+    pub fn start(
+        self: &Arc<Self>,
+        shutdown: CancellationToken,
+    ) -> Result<tokio::task::JoinSet<()>, EngineError> {
         let (requeued, failed) = self.db.recover_interrupted(self.cfg.max_attempts)?;
         for id in &requeued {
             tracing::warn!(job.id = %id, "job was interrupted by a restart; re-queued");
@@ -246,7 +258,10 @@ impl Engine {
             if shutdown.is_cancelled() {
                 return;
             }
-            match self.db.claim(&owner, &kinds, self.cfg.lease.as_millis() as i64) {
+            match self
+                .db
+                .claim(&owner, &kinds, self.cfg.lease.as_millis() as i64)
+            {
                 Ok(Some(job)) => {
                     tokio::select! {
                         _ = self.execute(&owner, job) => {}
@@ -270,7 +285,13 @@ impl Engine {
 
     async fn execute(&self, owner: &str, job: JobRow) {
         let Some(kind) = self.kinds.get(job.kind.as_str()).cloned() else {
-            let _ = self.db.finish(&job.id, owner, JobStatus::Failed, None, Some("unknown job kind"));
+            let _ = self.db.finish(
+                &job.id,
+                owner,
+                JobStatus::Failed,
+                None,
+                Some("unknown job kind"),
+            );
             return;
         };
         let cancel = CancellationToken::new();
@@ -312,15 +333,32 @@ impl Engine {
         let secs = started.elapsed().as_secs_f64();
         let (status, result, error) = match outcome {
             Ok(v) => (JobStatus::Completed, Some(v), None),
-            Err(JobError::Cancelled) => (JobStatus::Cancelled, None, Some("cancelled by request".to_string())),
-            Err(_) if cancel.is_cancelled() => (JobStatus::Cancelled, None, Some("cancelled by request".to_string())),
+            Err(JobError::Cancelled) => (
+                JobStatus::Cancelled,
+                None,
+                Some("cancelled by request".to_string()),
+            ),
+            Err(_) if cancel.is_cancelled() => (
+                JobStatus::Cancelled,
+                None,
+                Some("cancelled by request".to_string()),
+            ),
             Err(JobError::Failed(m)) => (JobStatus::Failed, None, Some(m)),
         };
         match &error {
-            None => log.info(&format!("job completed in {secs:.1}s")),
+            None => {
+                let _ = self.db.set_progress(
+                    &job.id,
+                    &serde_json::json!({"stage": "done", "percent": 100}),
+                );
+                log.info(&format!("job completed in {secs:.1}s"))
+            }
             Some(e) => log.info(&format!("job {status}: {e}")),
         }
-        match self.db.finish(&job.id, owner, status, result.as_ref(), error.as_deref()) {
+        match self
+            .db
+            .finish(&job.id, owner, status, result.as_ref(), error.as_deref())
+        {
             Ok(true) => {}
             Ok(false) => tracing::warn!("job was no longer ours when it finished"),
             Err(e) => tracing::error!(error = %e, "recording job outcome"),

@@ -78,7 +78,12 @@ pub fn follow_log(
         pos: u64,
         done: Arc<dyn Fn() -> bool + Send + Sync>,
     }
-    let st = St { path, file: None, pos: 0, done };
+    let st = St {
+        path,
+        file: None,
+        pos: 0,
+        done,
+    };
     futures::stream::unfold(Some(st), |st| async move {
         let mut st = st?;
         let finished = (st.done)();

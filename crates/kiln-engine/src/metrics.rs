@@ -24,13 +24,21 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let jobs_total = IntCounterVec::new(
-            Opts::new("kiln_jobs_total", "Jobs that reached a final status, by kind and status."),
+            Opts::new(
+                "kiln_jobs_total",
+                "Jobs that reached a final status, by kind and status.",
+            ),
             &["kind", "status"],
         )
         .expect("static metric");
         let job_duration = HistogramVec::new(
-            HistogramOpts::new("kiln_job_duration_seconds", "Wall time of a job run, by kind and outcome.")
-                .buckets(vec![0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0]),
+            HistogramOpts::new(
+                "kiln_job_duration_seconds",
+                "Wall time of a job run, by kind and outcome.",
+            )
+            .buckets(vec![
+                0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+            ]),
             &["kind", "status"],
         )
         .expect("static metric");
@@ -40,19 +48,31 @@ impl Metrics {
         )
         .expect("static metric");
         let cache_hits = IntCounterVec::new(
-            Opts::new("kiln_cache_hits_total", "Requests answered from the cache, by kind and index (raw or tree)."),
+            Opts::new(
+                "kiln_cache_hits_total",
+                "Requests answered from the cache, by kind and index (raw or tree).",
+            ),
             &["kind", "index"],
         )
         .expect("static metric");
         let cache_misses = IntCounterVec::new(
-            Opts::new("kiln_cache_misses_total", "Requests that needed a job, by kind."),
+            Opts::new(
+                "kiln_cache_misses_total",
+                "Requests that needed a job, by kind.",
+            ),
             &["kind"],
         )
         .expect("static metric");
-        let cache_bytes = IntGauge::new("kiln_cache_bytes", "Bytes held in the content-addressed cache.")
-            .expect("static metric");
+        let cache_bytes = IntGauge::new(
+            "kiln_cache_bytes",
+            "Bytes held in the content-addressed cache.",
+        )
+        .expect("static metric");
         let http_requests = IntCounterVec::new(
-            Opts::new("kiln_http_requests_total", "HTTP requests, by method, route and status code."),
+            Opts::new(
+                "kiln_http_requests_total",
+                "HTTP requests, by method, route and status code.",
+            ),
             &["method", "route", "code"],
         )
         .expect("static metric");
@@ -80,9 +100,13 @@ impl Metrics {
     }
 
     pub fn job_finished(&self, kind: &str, status: JobStatus, secs: Option<f64>) {
-        self.jobs_total.with_label_values(&[kind, status.as_str()]).inc();
+        self.jobs_total
+            .with_label_values(&[kind, status.as_str()])
+            .inc();
         if let Some(s) = secs {
-            self.job_duration.with_label_values(&[kind, status.as_str()]).observe(s);
+            self.job_duration
+                .with_label_values(&[kind, status.as_str()])
+                .observe(s);
         }
     }
 

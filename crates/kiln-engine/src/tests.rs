@@ -10,7 +10,11 @@ impl JobKind for Sleeper {
     fn kind(&self) -> &'static str {
         "sleep"
     }
-    async fn run(&self, ctx: &JobContext, params: serde_json::Value) -> Result<serde_json::Value, JobError> {
+    async fn run(
+        &self,
+        ctx: &JobContext,
+        params: serde_json::Value,
+    ) -> Result<serde_json::Value, JobError> {
         let secs = params["secs"].as_f64().unwrap_or(0.0);
         if params["fail"].as_bool() == Some(true) {
             return Err(JobError::Failed("asked to fail".into()));
@@ -67,22 +71,45 @@ async fn runs_fails_times_out_and_cancels() {
     let e = engine(dir.path(), Duration::from_secs(2));
     let _workers = e.start(CancellationToken::new()).unwrap();
 
-    let ok = created(e.submit("sleep", "a", &serde_json::json!({"secs": 0.1}), None, false).unwrap());
+    let ok = created(
+        e.submit("sleep", "a", &serde_json::json!({"secs": 0.1}), None, false)
+            .unwrap(),
+    );
     let j = wait_terminal(&e, &ok.id).await;
     assert_eq!(j.status, JobStatus::Completed);
     assert_eq!(j.result.unwrap()["slept"], 0.1);
-    assert!(std::fs::read_to_string(e.log_path(&ok.id)).unwrap().contains("stage: sleeping"));
+    assert!(std::fs::read_to_string(e.log_path(&ok.id))
+        .unwrap()
+        .contains("stage: sleeping"));
 
-    let bad = created(e.submit("sleep", "b", &serde_json::json!({"fail": true}), None, false).unwrap());
+    let bad = created(
+        e.submit(
+            "sleep",
+            "b",
+            &serde_json::json!({"fail": true}),
+            None,
+            false,
+        )
+        .unwrap(),
+    );
     let j = wait_terminal(&e, &bad.id).await;
-    assert_eq!((j.status, j.error.as_deref()), (JobStatus::Failed, Some("asked to fail")));
+    assert_eq!(
+        (j.status, j.error.as_deref()),
+        (JobStatus::Failed, Some("asked to fail"))
+    );
 
-    let slow = created(e.submit("sleep", "c", &serde_json::json!({"secs": 60}), None, false).unwrap());
+    let slow = created(
+        e.submit("sleep", "c", &serde_json::json!({"secs": 60}), None, false)
+            .unwrap(),
+    );
     let j = wait_terminal(&e, &slow.id).await;
     assert_eq!(j.status, JobStatus::Failed);
     assert!(j.error.unwrap().contains("timed out"));
 
-    let long = created(e.submit("sleep", "d", &serde_json::json!({"secs": 1.5}), None, false).unwrap());
+    let long = created(
+        e.submit("sleep", "d", &serde_json::json!({"secs": 1.5}), None, false)
+            .unwrap(),
+    );
     for _ in 0..100 {
         if e.get(&long.id).unwrap().unwrap().status == JobStatus::Building {
             break;
@@ -91,7 +118,10 @@ async fn runs_fails_times_out_and_cancels() {
     }
     let j = e.cancel(&long.id).await.unwrap();
     assert_eq!(j.status, JobStatus::Cancelled);
-    assert!(e.metrics().render().contains("kiln_jobs_total{kind=\"sleep\",status=\"cancelled\"} 1"));
+    assert!(e
+        .metrics()
+        .render()
+        .contains("kiln_jobs_total{kind=\"sleep\",status=\"cancelled\"} 1"));
 }
 
 #[tokio::test]
@@ -100,13 +130,23 @@ async fn follow_streams_until_the_job_ends() {
     let dir = tempfile::tempdir().unwrap();
     let e = engine(dir.path(), Duration::from_secs(10));
     let _workers = e.start(CancellationToken::new()).unwrap();
-    let j = created(e.submit("sleep", "f", &serde_json::json!({"secs": 0.6}), None, false).unwrap());
+    let j = created(
+        e.submit("sleep", "f", &serde_json::json!({"secs": 0.6}), None, false)
+            .unwrap(),
+    );
     let e2 = e.clone();
     let id = j.id.clone();
-    let done: Arc<dyn Fn() -> bool + Send + Sync> =
-        Arc::new(move || e2.get(&id).ok().flatten().is_some_and(|j| j.status.is_terminal()));
+    let done: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || {
+        e2.get(&id)
+            .ok()
+            .flatten()
+            .is_some_and(|j| j.status.is_terminal())
+    });
     let chunks: Vec<_> = follow_log(e.log_path(&j.id), done).collect().await;
-    let text: String = chunks.into_iter().map(|c| String::from_utf8(c.unwrap()).unwrap()).collect();
+    let text: String = chunks
+        .into_iter()
+        .map(|c| String::from_utf8(c.unwrap()).unwrap())
+        .collect();
     assert!(text.contains("started"), "{text}");
     assert!(text.contains("job completed"), "{text}");
 }

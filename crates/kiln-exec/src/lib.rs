@@ -137,6 +137,8 @@ pub struct Cmd {
     cwd: Option<PathBuf>,
     timeout: Duration,
     tail_lines: usize,
+    /// The name errors use; a wrapped command keeps its inner tool's name.
+    label: Option<String>,
 }
 
 impl Cmd {
@@ -149,6 +151,7 @@ impl Cmd {
             cwd: None,
             timeout: Duration::from_secs(600),
             tail_lines: 20,
+            label: None,
         }
     }
     pub fn arg(mut self, a: impl Into<OsString>) -> Cmd {
@@ -192,6 +195,7 @@ impl Cmd {
             return self;
         }
         let program = argv.remove(0);
+        self.label = Some(self.tool());
         argv.push(std::mem::replace(&mut self.program, program));
         argv.append(&mut self.args);
         self.args = argv;
@@ -199,6 +203,9 @@ impl Cmd {
     }
     /// The program's name as shown in errors and logs.
     pub fn tool(&self) -> String {
+        if let Some(l) = &self.label {
+            return l.clone();
+        }
         std::path::Path::new(&self.program)
             .file_name()
             .unwrap_or(self.program.as_os_str())
@@ -376,7 +383,11 @@ mod tests {
             .unwrap_err();
         assert_eq!(sink.stdout(), "out\n");
         match err {
-            ExecError::Failed { stderr_tail, status, tool } => {
+            ExecError::Failed {
+                stderr_tail,
+                status,
+                tool,
+            } => {
                 assert_eq!(tool, "bash");
                 assert_eq!(status.code(), Some(3));
                 assert_eq!(stderr_tail, "err1\nerr2");
@@ -388,7 +399,9 @@ mod tests {
     /// Alive and not a zombie (a killed orphan may wait a while for its reaper).
     fn alive(pid: i32) -> bool {
         match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Ok(s) => !s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')),
+            Ok(s) => !s
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z')),
             Err(_) => false,
         }
     }
@@ -415,9 +428,10 @@ mod tests {
         let cmd = Cmd::new("bash")
             .args(["-c", &script])
             .timeout(Duration::from_millis(500));
-        let run = tokio::spawn(async move {
-            cmd.run(Arc::new(NullSink), &CancellationToken::new()).await
-        });
+        let run =
+            tokio::spawn(
+                async move { cmd.run(Arc::new(NullSink), &CancellationToken::new()).await },
+            );
         let gc = grandchild_pid(dir.path()).await;
         let err = run.await.unwrap().unwrap_err();
         assert!(matches!(err, ExecError::TimedOut { .. }), "{err}");
@@ -454,6 +468,9 @@ mod tests {
             .run(Arc::new(NullSink), &CancellationToken::new())
             .await
             .unwrap_err();
-        assert!(err.to_string().contains("could not start kiln-tool"), "{err}");
+        assert!(
+            err.to_string().contains("could not start kiln-tool"),
+            "{err}"
+        );
     }
 }

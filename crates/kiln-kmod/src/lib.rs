@@ -70,7 +70,8 @@ impl Signing {
                 .await;
             match r {
                 Ok(()) => {
-                    let cert_der = std::fs::read(&der).map_err(|e| format!("{}: {e}", der.display()))?;
+                    let cert_der =
+                        std::fs::read(&der).map_err(|e| format!("{}: {e}", der.display()))?;
                     return Ok(Signing {
                         key: key.to_path_buf(),
                         cert: cert.to_path_buf(),
@@ -81,7 +82,10 @@ impl Signing {
                 Err(e) => last = e.to_string(),
             }
         }
-        Err(format!("signing certificate {} is not a PEM or DER X.509 certificate: {last}", cert.display()))
+        Err(format!(
+            "signing certificate {} is not a PEM or DER X.509 certificate: {last}",
+            cert.display()
+        ))
     }
 }
 
@@ -123,7 +127,11 @@ pub struct KmodResult {
 #[derive(Debug)]
 pub enum Outcome {
     /// Served from the cache: a verified archive.
-    Hit { path: PathBuf, cache_key: String, job_id: Option<JobId> },
+    Hit {
+        path: PathBuf,
+        cache_key: String,
+        job_id: Option<JobId>,
+    },
     Job(Submitted),
 }
 
@@ -137,7 +145,12 @@ pub struct Kmod {
 
 impl Kmod {
     pub fn new(cfg: KmodConfig, cas: Cas, db: Arc<Db>, metrics: Arc<Metrics>) -> Kmod {
-        Kmod { cfg, cas, db, metrics }
+        Kmod {
+            cfg,
+            cas,
+            db,
+            metrics,
+        }
     }
 
     pub fn config(&self) -> &KmodConfig {
@@ -149,7 +162,11 @@ impl Kmod {
     }
 
     fn sign_fp(&self) -> String {
-        self.cfg.signing.as_ref().map(|s| s.fingerprint.hex()).unwrap_or_default()
+        self.cfg
+            .signing
+            .as_ref()
+            .map(|s| s.fingerprint.hex())
+            .unwrap_or_default()
     }
 
     fn key(&self, tag: &str, d: &Digest, kver: &KernelVersion, src: &str) -> String {
@@ -164,7 +181,9 @@ impl Kmod {
 
     /// A verified cached archive for `key`, or None (a corrupt one is dropped).
     fn cached(&self, key: &str) -> Result<Option<(PathBuf, Option<JobId>)>, KmodError> {
-        let Some(a) = self.db.artifact(KIND, key)? else { return Ok(None) };
+        let Some(a) = self.db.artifact(KIND, key)? else {
+            return Ok(None);
+        };
         match self.cas.verify(&a.digest) {
             Ok(p) => {
                 self.db.touch_blob(&a.digest, a.size)?;
@@ -193,9 +212,16 @@ impl Kmod {
         if !force {
             if let Some(key) = self.db.alias(KIND, &alias)? {
                 if let Some((path, job_id)) = self.cached(&key)? {
-                    self.metrics.cache_hits.with_label_values(&[KIND, "raw"]).inc();
+                    self.metrics
+                        .cache_hits
+                        .with_label_values(&[KIND, "raw"])
+                        .inc();
                     tracing::info!(kernel_version = %kver, cache_key = %key, "cache hit (raw upload digest)");
-                    return Ok(Outcome::Hit { path, cache_key: key, job_id });
+                    return Ok(Outcome::Hit {
+                        path,
+                        cache_key: key,
+                        job_id,
+                    });
                 }
             }
         }
@@ -203,7 +229,8 @@ impl Kmod {
         let file = upload.path().to_path_buf();
         let limits = self.cfg.limits;
         let summary = tokio::task::spawn_blocking(move || {
-            let f = std::fs::File::open(&file).map_err(|source| ArchiveError::Io { path: file, source })?;
+            let f = std::fs::File::open(&file)
+                .map_err(|source| ArchiveError::Io { path: file, source })?;
             kiln_archive::digest_tar_gz(f, limits)
         })
         .await
@@ -212,9 +239,16 @@ impl Kmod {
         if !force {
             if let Some((path, job_id)) = self.cached(&key)? {
                 self.db.put_alias(KIND, &alias, &key)?;
-                self.metrics.cache_hits.with_label_values(&[KIND, "tree"]).inc();
+                self.metrics
+                    .cache_hits
+                    .with_label_values(&[KIND, "tree"])
+                    .inc();
                 tracing::info!(kernel_version = %kver, cache_key = %key, "cache hit (headers tree digest)");
-                return Ok(Outcome::Hit { path, cache_key: key, job_id });
+                return Ok(Outcome::Hit {
+                    path,
+                    cache_key: key,
+                    job_id,
+                });
             }
         }
         self.metrics.cache_misses.with_label_values(&[KIND]).inc();
@@ -252,23 +286,37 @@ impl Kmod {
     async fn build(&self, ctx: &JobContext, p: &KmodParams) -> Result<KmodResult, JobError> {
         let fail = |m: String| JobError::Failed(m);
         ctx.progress("extracting headers", 5);
-        let input = self.cas.verify(&p.input).map_err(|e| fail(format!("the uploaded headers are gone: {e}")))?;
+        let input = self
+            .cas
+            .verify(&p.input)
+            .map_err(|e| fail(format!("the uploaded headers are gone: {e}")))?;
         let root = ctx.workdir.join("headers");
         std::fs::create_dir_all(&root).map_err(|e| fail(format!("{}: {e}", root.display())))?;
         let limits = self.cfg.limits;
         let r2 = root.clone();
         let summary = tokio::task::spawn_blocking(move || {
-            let f = std::fs::File::open(&input).map_err(|source| ArchiveError::Io { path: input, source })?;
+            let f = std::fs::File::open(&input).map_err(|source| ArchiveError::Io {
+                path: input,
+                source,
+            })?;
             kiln_archive::extract_tar_gz(f, &r2, limits)
         })
         .await
         .map_err(|e| fail(e.to_string()))?
         .map_err(|e| fail(format!("rejected headers archive: {e}")))?;
-        ctx.log.info(&format!("extracted {} entries, {} bytes", summary.entries, summary.bytes));
+        ctx.log.info(&format!(
+            "extracted {} entries, {} bytes",
+            summary.entries, summary.bytes
+        ));
 
         let tree = find_kernel_tree(&root, &p.kernel_version).map_err(|e| fail(e.to_string()))?;
-        ctx.log.info(&format!("kernel build tree: {}", tree.strip_prefix(&root).unwrap_or(&tree).display()));
-        for (from, to) in rewrite_absolute_includes(&tree, &root).map_err(|e| fail(e.to_string()))? {
+        ctx.log.info(&format!(
+            "kernel build tree: {}",
+            tree.strip_prefix(&root).unwrap_or(&tree).display()
+        ));
+        for (from, to) in
+            rewrite_absolute_includes(&tree, &root).map_err(|e| fail(e.to_string()))?
+        {
             ctx.log.info(&format!("Makefile: include {from} -> {to}"));
         }
 
@@ -295,7 +343,10 @@ impl Kmod {
 
         ctx.progress("collecting modules", 85);
         let mut kos: Vec<(String, PathBuf)> = Vec::new();
-        for e in walkdir::WalkDir::new(&src).into_iter().filter_map(Result::ok) {
+        for e in walkdir::WalkDir::new(&src)
+            .into_iter()
+            .filter_map(Result::ok)
+        {
             if e.file_type().is_file() && e.path().extension().is_some_and(|x| x == "ko") {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if kos.iter().any(|(n, _)| *n == name) {
@@ -312,8 +363,16 @@ impl Kmod {
             ctx.progress("signing", 90);
             let hash = tree::sig_hash(&tree);
             let sign_file = tree.join("scripts/sign-file");
+            // The sandbox sees only the work dir writable and hides /tmp:
+            // give sign-file private copies of the key and certificate.
+            let keys = ctx.workdir.join("signing");
+            let (key, cert) = stage_signing_files(s, &keys).map_err(fail)?;
             for (name, path) in &kos {
-                let cmd = Cmd::new(&sign_file).arg(&hash).arg(&s.key).arg(&s.cert).arg(path);
+                let cmd = Cmd::new(&sign_file)
+                    .arg(&hash)
+                    .arg(&key)
+                    .arg(&cert)
+                    .arg(path);
                 self.cfg
                     .sandbox
                     .wrap(cmd, &ctx.workdir, &src, false)
@@ -322,20 +381,24 @@ impl Kmod {
                     .await?;
                 ctx.log.info(&format!("signed {name} ({hash})"));
             }
+            let _ = std::fs::remove_dir_all(&keys);
         }
         ctx.progress("storing", 95);
         let tmp = self.cas.temp_path();
         let (kos2, cas) = (kos.clone(), self.cas.clone());
-        let (digest, size) = tokio::task::spawn_blocking(move || -> Result<(Digest, u64), String> {
-            let f = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-            let f = kiln_archive::pack_files(f, &kos2).map_err(|e| e.to_string())?;
-            f.sync_all().map_err(|e| format!("fsync {}: {e}", tmp.display()))?;
-            drop(f);
-            cas.ingest_file(&tmp).map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| fail(e.to_string()))?
-        .map_err(fail)?;
+        let (digest, size) =
+            tokio::task::spawn_blocking(move || -> Result<(Digest, u64), String> {
+                let f =
+                    std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+                let f = kiln_archive::pack_files(f, &kos2).map_err(|e| e.to_string())?;
+                f.sync_all()
+                    .map_err(|e| format!("fsync {}: {e}", tmp.display()))?;
+                drop(f);
+                cas.ingest_file(&tmp).map_err(|e| e.to_string())
+            })
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .map_err(fail)?;
         let modules: Vec<String> = kos.into_iter().map(|(n, _)| n).collect();
         let meta = serde_json::json!({"modules": modules, "kernel_version": p.kernel_version});
         self.db
@@ -355,13 +418,38 @@ impl Kmod {
     }
 }
 
+/// Copy the signing key (mode 0600) and certificate into `dir`.
+fn stage_signing_files(s: &Signing, dir: &Path) -> Result<(PathBuf, PathBuf), String> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    let key = dir.join("signing.key");
+    let cert = dir.join("signing.crt");
+    let bytes =
+        std::fs::read(&s.key).map_err(|e| format!("signing key {}: {e}", s.key.display()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key)
+        .map_err(|e| format!("{}: {e}", key.display()))?;
+    std::io::Write::write_all(&mut f, &bytes).map_err(|e| format!("{}: {e}", key.display()))?;
+    std::fs::copy(&s.cert, &cert)
+        .map_err(|e| format!("signing certificate {}: {e}", s.cert.display()))?;
+    Ok((key, cert))
+}
+
 #[async_trait::async_trait]
 impl JobKind for Kmod {
     fn kind(&self) -> &'static str {
         KIND
     }
 
-    async fn run(&self, ctx: &JobContext, params: serde_json::Value) -> Result<serde_json::Value, JobError> {
+    async fn run(
+        &self,
+        ctx: &JobContext,
+        params: serde_json::Value,
+    ) -> Result<serde_json::Value, JobError> {
         let p: KmodParams = serde_json::from_value(params)
             .map_err(|e| JobError::Failed(format!("malformed job parameters: {e}")))?;
         tracing::info!(job_id = %ctx.id, kernel_version = %p.kernel_version, cache_key = %p.cache_key, "building kernel modules");

@@ -29,8 +29,17 @@ impl Sandbox {
         }
         if kiln_exec::which("bwrap").is_some()
             && probe(Cmd::new("bwrap").args([
-                "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-net",
-                "--unshare-pid", "--die-with-parent", "true",
+                "--ro-bind",
+                "/",
+                "/",
+                "--dev",
+                "/dev",
+                "--proc",
+                "/proc",
+                "--unshare-net",
+                "--unshare-pid",
+                "--die-with-parent",
+                "true",
             ]))
             .await
         {
@@ -46,7 +55,9 @@ impl Sandbox {
 
     pub fn describe(self) -> &'static str {
         match self {
-            Sandbox::Bwrap => "bubblewrap: no network, read-only host, hidden /usr/src, writable work dir only",
+            Sandbox::Bwrap => {
+                "bubblewrap: no network, read-only host, hidden /usr/src, writable work dir only"
+            }
             Sandbox::UnshareNet => "unshare --net: no network, but the host filesystem is visible",
             Sandbox::None => "none: builds run with the daemon's full view of the host",
         }
@@ -57,7 +68,21 @@ impl Sandbox {
         let mut w: Vec<OsString> = Vec::new();
         match self {
             Sandbox::Bwrap => {
-                w.extend(["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"].map(OsString::from));
+                w.extend(
+                    [
+                        "bwrap",
+                        "--ro-bind",
+                        "/",
+                        "/",
+                        "--dev",
+                        "/dev",
+                        "--proc",
+                        "/proc",
+                        "--tmpfs",
+                        "/tmp",
+                    ]
+                    .map(OsString::from),
+                );
                 for hidden in ["/usr/src", "/lib/modules", "/usr/lib/modules"] {
                     if Path::new(hidden).is_dir() {
                         w.extend(["--tmpfs", hidden].map(OsString::from));
@@ -67,7 +92,16 @@ impl Sandbox {
                 if !network {
                     w.push("--unshare-net".into());
                 }
-                w.extend(["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent", "--chdir"].map(OsString::from));
+                w.extend(
+                    [
+                        "--unshare-pid",
+                        "--unshare-ipc",
+                        "--unshare-uts",
+                        "--die-with-parent",
+                        "--chdir",
+                    ]
+                    .map(OsString::from),
+                );
                 w.push(cwd.into());
                 w.push("--".into());
             }

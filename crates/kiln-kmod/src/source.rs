@@ -37,7 +37,11 @@ pub enum SourceError {
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SourceError + 'a {
-    move |source| SourceError::Io { op, path: path.to_path_buf(), source }
+    move |source| SourceError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -57,17 +61,31 @@ pub enum ModuleSource {
 
 impl ModuleSource {
     pub fn dir(path: PathBuf) -> ModuleSource {
-        ModuleSource::Dir { path, memo: Default::default() }
+        ModuleSource::Dir {
+            path,
+            memo: Default::default(),
+        }
     }
 
-    pub fn git(version: String, repo: String, cache_dir: PathBuf) -> Result<ModuleSource, SourceError> {
+    pub fn git(
+        version: String,
+        repo: String,
+        cache_dir: PathBuf,
+    ) -> Result<ModuleSource, SourceError> {
         if version.is_empty()
             || version.starts_with(['.', '-'])
-            || !version.bytes().all(|b| b.is_ascii_alphanumeric() || b"._+~-".contains(&b))
+            || !version
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._+~-".contains(&b))
         {
             return Err(SourceError::BadVersion(version));
         }
-        Ok(ModuleSource::Git { version, repo, cache_dir, lock: Default::default() })
+        Ok(ModuleSource::Git {
+            version,
+            repo,
+            cache_dir,
+            lock: Default::default(),
+        })
     }
 
     pub fn describe(&self) -> String {
@@ -84,11 +102,18 @@ impl ModuleSource {
                 let (path, memo) = (path.clone(), memo.clone());
                 tokio::task::spawn_blocking(move || dir_identity(&path, &memo))
                     .await
-                    .map_err(|e| SourceError::Io { op: "hash", path: PathBuf::new(), source: std::io::Error::other(e.to_string()) })?
+                    .map_err(|e| SourceError::Io {
+                        op: "hash",
+                        path: PathBuf::new(),
+                        source: std::io::Error::other(e.to_string()),
+                    })?
             }
             ModuleSource::Git { version, .. } => {
-                let dir = self.ensure_clone(Arc::new(kiln_exec::NullSink), &CancellationToken::new()).await?;
-                let rev = std::fs::read_to_string(dir.join(".drbd_git_revision")).map_err(io("read", &dir))?;
+                let dir = self
+                    .ensure_clone(Arc::new(kiln_exec::NullSink), &CancellationToken::new())
+                    .await?;
+                let rev = std::fs::read_to_string(dir.join(".drbd_git_revision"))
+                    .map_err(io("read", &dir))?;
                 let rev = rev.trim().trim_start_matches("GIT-hash:").trim();
                 Ok(format!("git:{version}:{rev}"))
             }
@@ -96,7 +121,12 @@ impl ModuleSource {
     }
 
     /// Copy the source into `dest` (created).
-    pub async fn materialize(&self, dest: &Path, log: Arc<dyn LogSink>, cancel: &CancellationToken) -> Result<(), SourceError> {
+    pub async fn materialize(
+        &self,
+        dest: &Path,
+        log: Arc<dyn LogSink>,
+        cancel: &CancellationToken,
+    ) -> Result<(), SourceError> {
         let from = match self {
             ModuleSource::Dir { path, .. } => {
                 if !path.is_dir() {
@@ -121,8 +151,18 @@ impl ModuleSource {
 
     /// The cached clone for this version, cloning it if needed. Concurrent
     /// callers wait for one clone.
-    async fn ensure_clone(&self, log: Arc<dyn LogSink>, cancel: &CancellationToken) -> Result<PathBuf, SourceError> {
-        let ModuleSource::Git { version, repo, cache_dir, lock } = self else {
+    async fn ensure_clone(
+        &self,
+        log: Arc<dyn LogSink>,
+        cancel: &CancellationToken,
+    ) -> Result<PathBuf, SourceError> {
+        let ModuleSource::Git {
+            version,
+            repo,
+            cache_dir,
+            lock,
+        } = self
+        else {
             unreachable!("ensure_clone is only called for git sources")
         };
         let dir = cache_dir.join(format!("drbd-{version}"));
@@ -133,7 +173,11 @@ impl ModuleSource {
         std::fs::create_dir_all(cache_dir).map_err(io("create", cache_dir))?;
         let tmp = cache_dir.join(format!(".tmp-drbd-{version}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        let git_err = |source| SourceError::Git { version: version.clone(), repo: repo.clone(), source };
+        let git_err = |source| SourceError::Git {
+            version: version.clone(),
+            repo: repo.clone(),
+            source,
+        };
         let mut clone = Cmd::new("git");
         // Local repositories (tests, air-gapped mirrors) need file:// allowed for their submodules.
         if !repo.contains("://") || repo.starts_with("file://") {
@@ -141,7 +185,15 @@ impl ModuleSource {
         }
         tracing::info!(repo = %repo, branch = %format!("drbd-{version}"), "cloning module source");
         clone
-            .args(["clone", "--quiet", "--depth", "1", "--recurse-submodules", "--shallow-submodules", "--branch"])
+            .args([
+                "clone",
+                "--quiet",
+                "--depth",
+                "1",
+                "--recurse-submodules",
+                "--shallow-submodules",
+                "--branch",
+            ])
             .arg(format!("drbd-{version}"))
             .arg("--")
             .arg(repo)
@@ -161,7 +213,8 @@ impl ModuleSource {
             .await
             .map_err(git_err)?;
         let rev = out.stdout().trim().to_string();
-        std::fs::write(tmp.join(".drbd_git_revision"), format!("GIT-hash: {rev}\n")).map_err(io("write", &tmp))?;
+        std::fs::write(tmp.join(".drbd_git_revision"), format!("GIT-hash: {rev}\n"))
+            .map_err(io("write", &tmp))?;
         remove_git_dirs(&tmp)?;
         std::fs::rename(&tmp, &dir).map_err(io("rename", &dir))?;
         tracing::info!(version = %version, revision = %rev, dir = %dir.display(), "module source cached");
@@ -187,7 +240,10 @@ fn remove_git_dirs(root: &Path) -> Result<(), SourceError> {
     Ok(())
 }
 
-fn dir_identity(path: &Path, memo: &Mutex<Option<(kiln_core::Digest, String)>>) -> Result<String, SourceError> {
+fn dir_identity(
+    path: &Path,
+    memo: &Mutex<Option<(kiln_core::Digest, String)>>,
+) -> Result<String, SourceError> {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     if !path.is_dir() {
         return Err(SourceError::Missing(path.to_path_buf()));
@@ -202,7 +258,9 @@ fn dir_identity(path: &Path, memo: &Mutex<Option<(kiln_core::Digest, String)>>) 
     // Cheap fingerprint first: paths, sizes, mtimes.
     let mut fp = Hasher::new();
     for e in &entries {
-        let m = e.metadata().map_err(|err| io("stat", e.path())(err.into()))?;
+        let m = e
+            .metadata()
+            .map_err(|err| io("stat", e.path())(err.into()))?;
         fp.field(e.path().as_os_str().as_encoded_bytes())
             .field(&m.size().to_le_bytes())
             .field(&m.mtime_nsec().to_le_bytes())
@@ -223,11 +281,15 @@ fn dir_identity(path: &Path, memo: &Mutex<Option<(kiln_core::Digest, String)>>) 
             let t = std::fs::read_link(e.path()).map_err(io("readlink", e.path()))?;
             h.field(b"l").field(t.as_os_str().as_encoded_bytes());
         } else {
-            let m = e.metadata().map_err(|err| io("stat", e.path())(err.into()))?;
+            let m = e
+                .metadata()
+                .map_err(|err| io("stat", e.path())(err.into()))?;
             let mut f = std::fs::File::open(e.path()).map_err(io("open", e.path()))?;
             let mut ch = Hasher::new();
             std::io::copy(&mut f, &mut ch).map_err(io("read", e.path()))?;
-            h.field(b"f").field(&(m.permissions().mode() & 0o777).to_le_bytes()).field(ch.finish().as_bytes());
+            h.field(b"f")
+                .field(&(m.permissions().mode() & 0o777).to_le_bytes())
+                .field(ch.finish().as_bytes());
         }
     }
     let id = format!("dir:{}", h.finish().hex());

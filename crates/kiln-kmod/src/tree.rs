@@ -23,14 +23,20 @@ pub enum TreeError {
 }
 
 fn is_tree(p: &Path) -> bool {
-    p.join("Makefile").is_file() && (p.join("Module.symvers").is_file() || p.join(".config").is_file() || p.join("include").is_dir())
+    p.join("Makefile").is_file()
+        && (p.join("Module.symvers").is_file()
+            || p.join(".config").is_file()
+            || p.join("include").is_dir())
 }
 
 /// Locate the build tree for `kver` below `root`. The result is canonical
 /// and inside `root`.
 pub fn find_kernel_tree(root: &Path, kver: &KernelVersion) -> Result<PathBuf, TreeError> {
     let k = kver.as_str();
-    let root = std::fs::canonicalize(root).map_err(|source| TreeError::Io { path: root.to_path_buf(), source })?;
+    let root = std::fs::canonicalize(root).map_err(|source| TreeError::Io {
+        path: root.to_path_buf(),
+        source,
+    })?;
     let inside = |p: PathBuf| -> Option<PathBuf> {
         let c = std::fs::canonicalize(&p).ok()?;
         (c.starts_with(&root) && is_tree(&c)).then_some(c)
@@ -51,7 +57,10 @@ pub fn find_kernel_tree(root: &Path, kver: &KernelVersion) -> Result<PathBuf, Tr
     }
     // A single top-level directory holding a tree (`linux-6.1/`).
     let tops: Vec<PathBuf> = std::fs::read_dir(&root)
-        .map_err(|source| TreeError::Io { path: root.clone(), source })?
+        .map_err(|source| TreeError::Io {
+            path: root.clone(),
+            source,
+        })?
         .filter_map(Result::ok)
         .map(|e| e.path())
         .filter(|p| p.is_dir())
@@ -74,22 +83,38 @@ pub fn find_kernel_tree(root: &Path, kver: &KernelVersion) -> Result<PathBuf, Tr
             return Ok(t);
         }
     }
-    Err(TreeError::NotFound { kver: k.to_string() })
+    Err(TreeError::NotFound {
+        kver: k.to_string(),
+    })
 }
 
 /// Rewrite `include /abs/path` lines in the tree's top Makefile to point
 /// into `root` when the included file was shipped in the archive. Returns
 /// the rewrites made.
-pub fn rewrite_absolute_includes(tree: &Path, root: &Path) -> Result<Vec<(String, String)>, TreeError> {
+pub fn rewrite_absolute_includes(
+    tree: &Path,
+    root: &Path,
+) -> Result<Vec<(String, String)>, TreeError> {
     let mk = tree.join("Makefile");
-    let text = std::fs::read_to_string(&mk).map_err(|source| TreeError::Io { path: mk.clone(), source })?;
-    let root = std::fs::canonicalize(root).map_err(|source| TreeError::Io { path: root.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(&mk).map_err(|source| TreeError::Io {
+        path: mk.clone(),
+        source,
+    })?;
+    let root = std::fs::canonicalize(root).map_err(|source| TreeError::Io {
+        path: root.to_path_buf(),
+        source,
+    })?;
     let mut changes = Vec::new();
     let mut out = String::with_capacity(text.len() + 64);
     for line in text.split_inclusive('\n') {
         let trimmed = line.trim_start();
-        let rest = trimmed.strip_prefix("include ").or_else(|| trimmed.strip_prefix("-include "));
-        if let Some(path) = rest.map(str::trim).filter(|p| p.starts_with('/') && !p.contains(' ')) {
+        let rest = trimmed
+            .strip_prefix("include ")
+            .or_else(|| trimmed.strip_prefix("-include "));
+        if let Some(path) = rest
+            .map(str::trim)
+            .filter(|p| p.starts_with('/') && !p.contains(' '))
+        {
             let local = root.join(path.trim_start_matches('/'));
             if local.is_file() && !path.starts_with(root.to_string_lossy().as_ref()) {
                 let newline = line.replacen(path, &local.to_string_lossy(), 1);
@@ -136,17 +161,30 @@ mod tests {
         let common = r.join("usr/src/linux-headers-6.1.0-9-common");
         std::fs::create_dir_all(arch.join("include")).unwrap();
         std::fs::create_dir_all(&common).unwrap();
-        std::fs::write(arch.join("Makefile"), "include /usr/src/linux-headers-6.1.0-9-common/Makefile\n").unwrap();
+        std::fs::write(
+            arch.join("Makefile"),
+            "include /usr/src/linux-headers-6.1.0-9-common/Makefile\n",
+        )
+        .unwrap();
         std::fs::write(common.join("Makefile"), "all:\n").unwrap();
         let t = find_kernel_tree(r, &kver("6.1.0-9-amd64")).unwrap();
         assert_eq!(t, std::fs::canonicalize(&arch).unwrap());
         let ch = rewrite_absolute_includes(&t, r).unwrap();
         assert_eq!(ch.len(), 1);
         let mk = std::fs::read_to_string(arch.join("Makefile")).unwrap();
-        assert!(mk.starts_with(&format!("include {}", std::fs::canonicalize(r).unwrap().display())), "{mk}");
+        assert!(
+            mk.starts_with(&format!(
+                "include {}",
+                std::fs::canonicalize(r).unwrap().display()
+            )),
+            "{mk}"
+        );
         // Idempotent.
         assert!(rewrite_absolute_includes(&t, r).unwrap().is_empty());
-        assert!(find_kernel_tree(r, &kver("6.1.0-10-amd64")).is_err(), "another version is not silently used");
+        assert!(
+            find_kernel_tree(r, &kver("6.1.0-10-amd64")).is_err(),
+            "another version is not silently used"
+        );
     }
 
     #[test]
@@ -160,6 +198,9 @@ mod tests {
         assert!(t.ends_with("5.14.0-1.el9.x86_64"));
         assert_eq!(sig_hash(&t), "sha512");
         let empty = tempfile::tempdir().unwrap();
-        assert!(matches!(find_kernel_tree(empty.path(), &kver("6.1.0")), Err(TreeError::NotFound { .. })));
+        assert!(matches!(
+            find_kernel_tree(empty.path(), &kver("6.1.0")),
+            Err(TreeError::NotFound { .. })
+        ));
     }
 }

@@ -151,12 +151,14 @@ pub struct TempBlob {
     root: Cas,
 }
 
-
 impl TempBlob {
     pub async fn write(&mut self, data: &[u8]) -> Result<()> {
         self.hasher.update(data);
         self.size += data.len() as u64;
-        let f = self.file.as_mut().ok_or_else(|| StoreError::Malformed("blob already committed".into()))?;
+        let f = self
+            .file
+            .as_mut()
+            .ok_or_else(|| StoreError::Malformed("blob already committed".into()))?;
         f.write_all(data).await.map_err(io("write", &self.path))
     }
 
@@ -183,7 +185,10 @@ impl TempBlob {
 
     /// fsync, then rename into the store. Returns digest and size.
     pub async fn commit(mut self) -> Result<(Digest, u64)> {
-        let mut f = self.file.take().ok_or_else(|| StoreError::Malformed("blob already committed".into()))?;
+        let mut f = self
+            .file
+            .take()
+            .ok_or_else(|| StoreError::Malformed("blob already committed".into()))?;
         f.flush().await.map_err(io("flush", &self.path))?;
         f.sync_all().await.map_err(io("fsync", &self.path))?;
         drop(f);

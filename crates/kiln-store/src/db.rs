@@ -166,9 +166,12 @@ impl Db {
             source,
         };
         let conn = Connection::open(path).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
         Ok(Db {
             conn: Mutex::new(conn),
@@ -380,7 +383,8 @@ impl Db {
 
     pub fn count_by_status(&self) -> Result<Vec<(String, JobStatus, i64)>> {
         self.with(|c| {
-            let mut st = c.prepare("SELECT kind, status, COUNT(*) FROM jobs GROUP BY kind, status")?;
+            let mut st =
+                c.prepare("SELECT kind, status, COUNT(*) FROM jobs GROUP BY kind, status")?;
             let rows = st.query_map([], |r| {
                 Ok((r.get(0)?, parse(r.get(1)?, "status")?, r.get(2)?))
             })?;
@@ -447,8 +451,14 @@ impl Db {
     /// Forget an artifact whose blob turned out missing or corrupt.
     pub fn drop_artifact(&self, kind: &str, key: &str) -> Result<()> {
         self.with(|c| {
-            c.execute("DELETE FROM artifacts WHERE kind = ?1 AND key = ?2", params![kind, key])?;
-            c.execute("DELETE FROM aliases WHERE kind = ?1 AND key = ?2", params![kind, key])
+            c.execute(
+                "DELETE FROM artifacts WHERE kind = ?1 AND key = ?2",
+                params![kind, key],
+            )?;
+            c.execute(
+                "DELETE FROM aliases WHERE kind = ?1 AND key = ?2",
+                params![kind, key],
+            )
         })?;
         Ok(())
     }
@@ -477,9 +487,11 @@ impl Db {
     /// (blob count, total bytes) tracked by the cache.
     pub fn cache_usage(&self) -> Result<(u64, u64)> {
         self.with(|c| {
-            c.query_row("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM blobs", [], |r| {
-                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
-            })
+            c.query_row(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM blobs",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+            )
         })
     }
 
@@ -542,21 +554,33 @@ mod tests {
             Submitted::Created(j) => j,
             other => panic!("{other:?}"),
         };
-        assert!(matches!(db.submit("kmod", "k1", &p, None, false).unwrap(), Submitted::Joined(j) if j.id == a.id));
+        assert!(
+            matches!(db.submit("kmod", "k1", &p, None, false).unwrap(), Submitted::Joined(j) if j.id == a.id)
+        );
         let claimed = db.claim("w1", &["kmod"], 60_000).unwrap().unwrap();
         assert_eq!(claimed.id, a.id);
         assert_eq!(claimed.status, JobStatus::Building);
         assert!(db.claim("w2", &["kmod"], 60_000).unwrap().is_none());
-        assert!(!db.finish(&a.id, "w2", JobStatus::Failed, None, Some("x")).unwrap());
-        assert!(db.finish(&a.id, "w1", JobStatus::Failed, None, Some("boom")).unwrap());
-        assert!(matches!(db.submit("kmod", "k1", &p, None, false).unwrap(), Submitted::PreviouslyFailed(j) if j.error.as_deref() == Some("boom")));
-        assert!(matches!(db.submit("kmod", "k1", &p, None, true).unwrap(), Submitted::Created(j) if j.id != a.id));
+        assert!(!db
+            .finish(&a.id, "w2", JobStatus::Failed, None, Some("x"))
+            .unwrap());
+        assert!(db
+            .finish(&a.id, "w1", JobStatus::Failed, None, Some("boom"))
+            .unwrap());
+        assert!(
+            matches!(db.submit("kmod", "k1", &p, None, false).unwrap(), Submitted::PreviouslyFailed(j) if j.error.as_deref() == Some("boom"))
+        );
+        assert!(
+            matches!(db.submit("kmod", "k1", &p, None, true).unwrap(), Submitted::Created(j) if j.id != a.id)
+        );
     }
 
     #[test]
     fn expired_leases_are_reclaimed_and_restarts_recover() {
         let (_d, db) = db();
-        let Submitted::Created(j) = db.submit("kmod", "k", &json!({}), None, false).unwrap() else { panic!() };
+        let Submitted::Created(j) = db.submit("kmod", "k", &json!({}), None, false).unwrap() else {
+            panic!()
+        };
         db.claim("dead", &["kmod"], -1).unwrap().unwrap();
         let again = db.claim("alive", &["kmod"], 60_000).unwrap().unwrap();
         assert_eq!(again.id, j.id);
@@ -577,7 +601,8 @@ mod tests {
         let (a, b, c) = (Digest::of(b"a"), Digest::of(b"b"), Digest::of(b"c"));
         db.touch_blob(&a, 100).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(3));
-        db.put_artifact("kmod", "kb", &b, 100, &json!({}), None).unwrap();
+        db.put_artifact("kmod", "kb", &b, 100, &json!({}), None)
+            .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(3));
         db.touch_blob(&c, 100).unwrap();
         db.put_alias("kmod", "raw-b", "kb").unwrap();

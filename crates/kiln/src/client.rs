@@ -35,14 +35,16 @@ async fn server_error(resp: reqwest::Response) -> anyhow::Error {
 }
 
 fn running_kernel() -> Result<String> {
-    let r = std::fs::read_to_string("/proc/sys/kernel/osrelease").context("reading the running kernel version")?;
+    let r = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .context("reading the running kernel version")?;
     Ok(r.trim().to_string())
 }
 
 /// Directories that make the tree self-contained: the tree itself plus the
 /// trees its Makefile includes by absolute path (Debian's `-common`).
 fn tree_roots(tree: &Path) -> Result<Vec<PathBuf>> {
-    let real = std::fs::canonicalize(tree).with_context(|| format!("kernel build tree {}", tree.display()))?;
+    let real = std::fs::canonicalize(tree)
+        .with_context(|| format!("kernel build tree {}", tree.display()))?;
     let mut roots = vec![real.clone()];
     if let Ok(mk) = std::fs::read_to_string(real.join("Makefile")) {
         for line in mk.lines() {
@@ -60,20 +62,25 @@ fn tree_roots(tree: &Path) -> Result<Vec<PathBuf>> {
     Ok(roots)
 }
 
-async fn pack_headers(headers: &Path, out: &Path) -> Result<()> {
+async fn pack_headers(headers: &Path, kver: &str, out: &Path) -> Result<()> {
     let roots = tree_roots(headers)?;
-    let total: u64 = roots
-        .iter()
-        .flat_map(|r| walkdir_sizes(r))
-        .sum();
+    // Name the tree the way the server looks for it first.
+    let links = vec![(
+        PathBuf::from(format!("lib/modules/{kver}/build")),
+        roots[0].clone(),
+    )];
+    let total: u64 = roots.iter().flat_map(|r| walkdir_sizes(r)).sum();
     let pb = ProgressBar::new(total).with_style(
-        ProgressStyle::with_template("packing   {bar:30} {bytes}/{total_bytes} {msg}").expect("template"),
+        ProgressStyle::with_template("packing   {bar:30} {bytes}/{total_bytes} {msg}")
+            .expect("template"),
     );
     let out = out.to_path_buf();
     let pb2 = pb.clone();
     tokio::task::spawn_blocking(move || -> Result<()> {
-        let f = std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
-        kiln_archive::pack_tree_rooted(f, &roots, |n| pb2.inc(n)).context("packing the kernel headers")?;
+        let f =
+            std::fs::File::create(&out).with_context(|| format!("creating {}", out.display()))?;
+        kiln_archive::pack_tree_rooted(f, &roots, &links, |n| pb2.inc(n))
+            .context("packing the kernel headers")?;
         Ok(())
     })
     .await??;
@@ -106,22 +113,29 @@ pub async fn kmod_build(a: KmodBuildArgs) -> Result<()> {
         Some(k) => k,
         None => running_kernel()?,
     };
-    let headers = a.headers.clone().unwrap_or_else(|| PathBuf::from(format!("/lib/modules/{kver}/build")));
+    let headers = a
+        .headers
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("/lib/modules/{kver}/build")));
     let tmpdir = tempfile_dir()?;
     let tarball = if headers.is_dir() {
         let t = tmpdir.join("headers.tar.gz");
-        pack_headers(&headers, &t).await?;
+        pack_headers(&headers, &kver, &t).await?;
         t
     } else if headers.is_file() {
         headers.clone()
     } else {
-        bail!("no kernel headers at {} (install linux-headers-{kver}, or pass --headers DIR|TAR)", headers.display());
+        bail!(
+            "no kernel headers at {} (install linux-headers-{kver}, or pass --headers DIR|TAR)",
+            headers.display()
+        );
     };
     let size = std::fs::metadata(&tarball)?.len();
     let client = http()?;
 
     let pb = ProgressBar::new(size).with_style(
-        ProgressStyle::with_template("uploading {bar:30} {bytes}/{total_bytes} {bytes_per_sec}").expect("template"),
+        ProgressStyle::with_template("uploading {bar:30} {bytes}/{total_bytes} {bytes_per_sec}")
+            .expect("template"),
     );
     let file = tokio::fs::File::open(&tarball).await?;
     let pb2 = pb.clone();
@@ -145,7 +159,9 @@ pub async fn kmod_build(a: KmodBuildArgs) -> Result<()> {
         .with_context(|| format!("uploading headers to {}", a.client.server))?;
     pb.finish_and_clear();
     let _ = std::fs::remove_dir_all(&tmpdir);
-    let out = a.output.unwrap_or_else(|| PathBuf::from(format!("kmod-{kver}.tar.gz")));
+    let out = a
+        .output
+        .unwrap_or_else(|| PathBuf::from(format!("kmod-{kver}.tar.gz")));
     match resp.status().as_u16() {
         200 => {
             eprintln!("cache hit");
@@ -153,10 +169,16 @@ pub async fn kmod_build(a: KmodBuildArgs) -> Result<()> {
         }
         202 => {
             let v: serde_json::Value = resp.json().await?;
-            let id = v["job_id"].as_str().context("no job_id in the answer")?.to_string();
+            let id = v["job_id"]
+                .as_str()
+                .context("no job_id in the answer")?
+                .to_string();
             eprintln!("job {id}");
             wait(&client, &a.client.server, &id).await?;
-            let resp = client.get(url(&a.client.server, &format!("/api/v1/download/{id}"))).send().await?;
+            let resp = client
+                .get(url(&a.client.server, &format!("/api/v1/download/{id}")))
+                .send()
+                .await?;
             if !resp.status().is_success() {
                 return Err(server_error(resp).await);
             }
@@ -176,10 +198,14 @@ fn tempfile_dir() -> Result<PathBuf> {
 
 async fn wait(client: &reqwest::Client, server: &str, id: &str) -> Result<()> {
     let pb = ProgressBar::new(100).with_style(
-        ProgressStyle::with_template("building  {bar:30} {pos}% {msg} [{elapsed}]").expect("template"),
+        ProgressStyle::with_template("building  {bar:30} {pos}% {msg} [{elapsed}]")
+            .expect("template"),
     );
     loop {
-        let resp = client.get(url(server, &format!("/api/v1/status/{id}"))).send().await?;
+        let resp = client
+            .get(url(server, &format!("/api/v1/status/{id}")))
+            .send()
+            .await?;
         let code = resp.status().as_u16();
         if code == 404 {
             return Err(server_error(resp).await);
@@ -208,7 +234,9 @@ async fn wait(client: &reqwest::Client, server: &str, id: &str) -> Result<()> {
 
 async fn save(resp: reqwest::Response, out: &Path) -> Result<()> {
     let tmp = out.with_extension("part");
-    let mut f = tokio::fs::File::create(&tmp).await.with_context(|| format!("creating {}", tmp.display()))?;
+    let mut f = tokio::fs::File::create(&tmp)
+        .await
+        .with_context(|| format!("creating {}", tmp.display()))?;
     let mut s = resp.bytes_stream();
     while let Some(c) = s.next().await {
         f.write_all(&c?).await?;
@@ -219,7 +247,13 @@ async fn save(resp: reqwest::Response, out: &Path) -> Result<()> {
 }
 
 pub async fn status(a: StatusArgs) -> Result<()> {
-    let resp = http()?.get(url(&a.client.server, &format!("/api/v1/status/{}", a.job_id))).send().await?;
+    let resp = http()?
+        .get(url(
+            &a.client.server,
+            &format!("/api/v1/status/{}", a.job_id),
+        ))
+        .send()
+        .await?;
     if resp.status().as_u16() == 404 {
         return Err(server_error(resp).await);
     }

@@ -11,7 +11,11 @@ use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
 #[derive(Debug, Parser)]
-#[command(name = "kiln", version, about = "Builds and provisions what infrastructure hosts need, on demand.")]
+#[command(
+    name = "kiln",
+    version,
+    about = "Builds and provisions what infrastructure hosts need, on demand."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -162,47 +166,84 @@ pub enum SourceChoice {
 
 /// `:2021` means every interface, as in Go.
 pub fn parse_addr(s: &str) -> Result<SocketAddr> {
-    let full = if s.starts_with(':') { format!("0.0.0.0{s}") } else { s.to_string() };
-    full.parse().with_context(|| format!("invalid --addr {s:?}: want host:port or :port"))
+    let full = if s.starts_with(':') {
+        format!("0.0.0.0{s}")
+    } else {
+        s.to_string()
+    };
+    full.parse()
+        .with_context(|| format!("invalid --addr {s:?}: want host:port or :port"))
 }
 
 impl ServeArgs {
     pub fn resolve(self) -> Result<ServeConfig> {
         let file: FileConfig = match &self.config {
             Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("reading config file {}", p.display()))?;
-                toml::from_str(&text).with_context(|| format!("parsing config file {}", p.display()))?
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading config file {}", p.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("parsing config file {}", p.display()))?
             }
             None => FileConfig::default(),
         };
         let addr = parse_addr(&self.addr.or(file.addr).unwrap_or_else(|| ":2021".into()))?;
-        let version = self.drbd_version.or(file.drbd_version).filter(|v| !v.is_empty());
-        let repo = self.drbd_repo.or(file.drbd_repo).unwrap_or_else(|| "https://github.com/LINBIT/drbd.git".into());
+        let version = self
+            .drbd_version
+            .or(file.drbd_version)
+            .filter(|v| !v.is_empty());
+        let repo = self
+            .drbd_repo
+            .or(file.drbd_repo)
+            .unwrap_or_else(|| "https://github.com/LINBIT/drbd.git".into());
         let source = match version {
             Some(version) => SourceChoice::Git { version, repo },
-            None => SourceChoice::Dir(self.drbd_dir.or(file.drbd_dir).unwrap_or_else(|| "/drbd".into())),
+            None => SourceChoice::Dir(
+                self.drbd_dir
+                    .or(file.drbd_dir)
+                    .unwrap_or_else(|| "/drbd".into()),
+            ),
         };
-        let cache_dir = self.cache_dir.or(file.cache_dir).unwrap_or_else(|| "/var/cache/kiln".into());
-        let data_dir = self.data_dir.or(file.data_dir).unwrap_or_else(|| cache_dir.join("state"));
-        let tls = match (self.certfile.or(file.certfile), self.keyfile.or(file.keyfile)) {
+        let cache_dir = self
+            .cache_dir
+            .or(file.cache_dir)
+            .unwrap_or_else(|| "/var/cache/kiln".into());
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| cache_dir.join("state"));
+        let tls = match (
+            self.certfile.or(file.certfile),
+            self.keyfile.or(file.keyfile),
+        ) {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
             _ => bail!("--certfile and --keyfile go together"),
         };
-        let signing = match (self.sign_key.or(file.sign_key), self.sign_cert.or(file.sign_cert)) {
+        let signing = match (
+            self.sign_key.or(file.sign_key),
+            self.sign_cert.or(file.sign_cert),
+        ) {
             (Some(k), Some(c)) => Some((k, c)),
             (None, None) => None,
             _ => bail!("--sign-key and --sign-cert go together"),
         };
-        let log_level = self.log_level.or(file.log_level).unwrap_or_else(|| "info".into());
+        let log_level = self
+            .log_level
+            .or(file.log_level)
+            .unwrap_or_else(|| "info".into());
         if !["trace", "debug", "info", "warn", "error"].contains(&log_level.as_str()) {
             bail!("invalid --log-level {log_level:?}: one of debug, info, warn, error");
         }
-        let log_format = self.log_format.or(file.log_format).unwrap_or_else(|| "json".into());
+        let log_format = self
+            .log_format
+            .or(file.log_format)
+            .unwrap_or_else(|| "json".into());
         if !["json", "text"].contains(&log_format.as_str()) {
             bail!("invalid --log-format {log_format:?}: json or text");
         }
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
         let concurrency = self.concurrency.or(file.concurrency).unwrap_or(cores);
         if concurrency == 0 {
             bail!("--concurrency must be at least 1");
@@ -221,13 +262,27 @@ impl ServeArgs {
             tls,
             log_level,
             log_json: log_format == "json",
-            spaas_url: self.spaas_url.or(file.spaas_url).unwrap_or_else(|| "https://spaas.drbd.io".into()),
+            spaas_url: self
+                .spaas_url
+                .or(file.spaas_url)
+                .unwrap_or_else(|| "https://spaas.drbd.io".into()),
             build_network: self.build_network.or(file.build_network).unwrap_or(false),
             concurrency,
-            job_timeout: Duration::from_secs(self.job_timeout.or(file.job_timeout).unwrap_or(3600).max(1)),
-            cache_max_bytes: self.cache_max_bytes.or(file.cache_max_bytes).unwrap_or(20 << 30),
-            max_extract_bytes: self.max_extract_bytes.or(file.max_extract_bytes).unwrap_or(4 << 30),
-            max_extract_entries: self.max_extract_entries.or(file.max_extract_entries).unwrap_or(500_000),
+            job_timeout: Duration::from_secs(
+                self.job_timeout.or(file.job_timeout).unwrap_or(3600).max(1),
+            ),
+            cache_max_bytes: self
+                .cache_max_bytes
+                .or(file.cache_max_bytes)
+                .unwrap_or(20 << 30),
+            max_extract_bytes: self
+                .max_extract_bytes
+                .or(file.max_extract_bytes)
+                .unwrap_or(4 << 30),
+            max_extract_entries: self
+                .max_extract_entries
+                .or(file.max_extract_entries)
+                .unwrap_or(500_000),
             signing,
         })
     }
@@ -286,7 +341,10 @@ mod tests {
     #[test]
     fn addr_forms() {
         assert_eq!(parse_addr(":2021").unwrap().to_string(), "0.0.0.0:2021");
-        assert_eq!(parse_addr("127.0.0.1:9").unwrap().to_string(), "127.0.0.1:9");
+        assert_eq!(
+            parse_addr("127.0.0.1:9").unwrap().to_string(),
+            "127.0.0.1:9"
+        );
         assert!(parse_addr("nope").is_err());
     }
 
@@ -294,9 +352,21 @@ mod tests {
     fn precedence_flag_then_file_then_default() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("kiln.toml");
-        std::fs::write(&f, "addr = \"127.0.0.1:7000\"\nmaxbytesbody = 5\ncache_dir = \"/srv/c\"\n").unwrap();
-        let Cli { command: Command::Serve(args) } =
-            Cli::parse_from(["kiln", "serve", "--config", f.to_str().unwrap(), "--maxbytesbody", "9"])
+        std::fs::write(
+            &f,
+            "addr = \"127.0.0.1:7000\"\nmaxbytesbody = 5\ncache_dir = \"/srv/c\"\n",
+        )
+        .unwrap();
+        let Cli {
+            command: Command::Serve(args),
+        } = Cli::parse_from([
+            "kiln",
+            "serve",
+            "--config",
+            f.to_str().unwrap(),
+            "--maxbytesbody",
+            "9",
+        ])
         else {
             panic!()
         };
@@ -309,9 +379,23 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused() {
-        let Cli { command: Command::Serve(args) } = Cli::parse_from(["kiln", "serve", "--certfile", "/x"]) else { panic!() };
-        assert!(args.resolve().unwrap_err().to_string().contains("go together"));
-        let Cli { command: Command::Serve(args) } = Cli::parse_from(["kiln", "serve", "--log-level", "loud"]) else { panic!() };
+        let Cli {
+            command: Command::Serve(args),
+        } = Cli::parse_from(["kiln", "serve", "--certfile", "/x"])
+        else {
+            panic!()
+        };
+        assert!(args
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("go together"));
+        let Cli {
+            command: Command::Serve(args),
+        } = Cli::parse_from(["kiln", "serve", "--log-level", "loud"])
+        else {
+            panic!()
+        };
         assert!(args.resolve().is_err());
     }
 }

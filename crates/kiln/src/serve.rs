@@ -12,11 +12,17 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{ensure_dir, ServeArgs, SourceChoice};
 
 fn init_logging(level: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},hyper=warn,h2=warn,rustls=warn")));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{level},hyper=warn,h2=warn,rustls=warn"))
+    });
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
-        b.json().with_current_span(true).with_span_list(false).init();
+        b.json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
     } else {
         b.init();
     }
@@ -29,9 +35,15 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     ensure_dir(&cfg.cache_dir, "cache dir")?;
     ensure_dir(&cfg.data_dir, "data dir")?;
     let lock_path = cfg.data_dir.join("kiln.lock");
-    let lock = std::fs::File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
-    fs2::FileExt::try_lock_exclusive(&lock)
-        .with_context(|| format!("another kiln is using the data dir {} (lock {})", cfg.data_dir.display(), lock_path.display()))?;
+    let lock = std::fs::File::create(&lock_path)
+        .with_context(|| format!("creating {}", lock_path.display()))?;
+    fs2::FileExt::try_lock_exclusive(&lock).with_context(|| {
+        format!(
+            "another kiln is using the data dir {} (lock {})",
+            cfg.data_dir.display(),
+            lock_path.display()
+        )
+    })?;
 
     let db = Arc::new(Db::open(&cfg.data_dir.join("kiln.db")).context("opening the job database")?);
     let cas = Cas::open(&cfg.cache_dir).context("opening the cache")?;
@@ -45,7 +57,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             ModuleSource::dir(p.clone())
         }
         SourceChoice::Git { version, repo } => {
-            ModuleSource::git(version.clone(), repo.clone(), cfg.data_dir.join("sources")).context("--drbd-version")?
+            ModuleSource::git(version.clone(), repo.clone(), cfg.data_dir.join("sources"))
+                .context("--drbd-version")?
         }
     };
     let signing = match &cfg.signing {
@@ -64,7 +77,10 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     if sandbox == Sandbox::Bwrap {
         tracing::info!(sandbox = sandbox.describe(), "build sandbox");
     } else {
-        tracing::warn!(sandbox = sandbox.describe(), "build sandbox is weaker than bubblewrap; install bubblewrap for full isolation");
+        tracing::warn!(
+            sandbox = sandbox.describe(),
+            "build sandbox is weaker than bubblewrap; install bubblewrap for full isolation"
+        );
     }
     if cfg.build_network {
         tracing::warn!("builds may use the network (--build-network)");
@@ -76,8 +92,13 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             build_network: cfg.build_network,
             sandbox,
             signing,
-            limits: kiln_archive::Limits { max_bytes: cfg.max_extract_bytes, max_entries: cfg.max_extract_entries },
-            make_jobs: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            limits: kiln_archive::Limits {
+                max_bytes: cfg.max_extract_bytes,
+                max_entries: cfg.max_extract_entries,
+            },
+            make_jobs: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
             cache_max_bytes: cfg.cache_max_bytes,
         },
         cas,
@@ -142,8 +163,17 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             let _ = rustls_provider();
             let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
                 .await
-                .with_context(|| format!("loading TLS certificate {} and key {}", cert.display(), key.display()))?;
-            axum_server::bind_rustls(cfg.addr, tls).handle(handle).serve(svc).await
+                .with_context(|| {
+                    format!(
+                        "loading TLS certificate {} and key {}",
+                        cert.display(),
+                        key.display()
+                    )
+                })?;
+            axum_server::bind_rustls(cfg.addr, tls)
+                .handle(handle)
+                .serve(svc)
+                .await
         }
         None => axum_server::bind(cfg.addr).handle(handle).serve(svc).await,
     }
@@ -155,7 +185,9 @@ pub async fn run(args: ServeArgs) -> Result<()> {
 }
 
 fn rustls_provider() -> bool {
-    rustls::crypto::ring::default_provider().install_default().is_ok()
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_ok()
 }
 
 async fn wait_for_signal() {
