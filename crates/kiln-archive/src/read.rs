@@ -207,6 +207,17 @@ fn walk(r: impl Read, limits: Limits, dest: Option<&Path>) -> Result<TreeSummary
         let raw = entry.path_bytes().into_owned();
         let comps = components(&raw)?;
         let key = comps.join(&b'/');
+        // No entry may sit below a symlink of the archive: writing it would
+        // follow the link. Checked here so that validation without
+        // extraction (the request path) refuses it too.
+        for i in 1..comps.len() {
+            if let Some(Record::Link { .. }) = records.get(&comps[..i].join(&b'/')) {
+                return Err(ArchiveError::ThroughSymlink {
+                    entry: lossy(&key),
+                    via: lossy(&comps[..i].join(&b'/')),
+                });
+            }
+        }
         let kind = entry.header().entry_type();
         let mode = entry.header().mode().map_err(corrupt)? & 0o777;
         if comps.is_empty() {
