@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# kiln kmod benchmarks, each side by side with its baseline in the same run:
+#   1. cache-hit request time, same bytes   vs  openssl dgst -sha256 FILE
+#   2. cache-hit request time, repacked tree vs  gzip -dc FILE | openssl dgst -sha256
+#      (both on the Debian headers tarball and on a ~100 MB synthetic one)
+#   3. server peak RSS (VmHWM) after taking the 100 MB uploads
+#   4. a cold build through kiln vs raw `make module KDIR=...`
+# Needs the fixtures of scripts/test.sh. Prints a table; writes bench/out/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FIX="${KILN_TEST_FIXTURES:-$PWD/target/kiln-fixtures}"
+[ -f "$FIX/ready" ] || { echo "run ./scripts/test.sh first (it prepares $FIX)"; exit 1; }
+command -v hyperfine >/dev/null || { apt-get update -qq && apt-get install -y -qq hyperfine >/dev/null; }
+KVER=$(cat "$FIX/kver"); KB=$(cat "$FIX/kbuild")
+OUT="$PWD/bench/out"; rm -rf "$OUT"; mkdir -p "$OUT"
+W=$(mktemp -d /var/tmp/kiln-bench.XXXXXX); trap 'kill $PID 2>/dev/null || true; rm -rf "$W"' EXIT
+cargo build --release -p kiln 2>&1 | tail -1
+BIN="$PWD/target/release/kiln"
+
+# Module source: the same hello module the tests build.
+mkdir -p "$W/src/src"
+cat > "$W/src/src/hello.c" <<'C'
+#include <linux/module.h>
+#include <linux/init.h>
+static int __init h_init(void) { return 0; }
+static void __exit h_exit(void) {}
+module_init(h_init); module_exit(h_exit);
+MODULE_LICENSE("GPL");
+C
+echo 'obj-m := hello.o' > "$W/src/src/Kbuild"
+printf 'module:\n\t$(MAKE) -C $(KDIR) M=$(CURDIR)/src modules\n' > "$W/src/Makefile"
+
+# Inputs: the Debian tarball, a ~100 MB one (same tree plus incompressible data), and repacks.
+H="$FIX/headers.tgz"
+mkdir -p "$W/tree" && tar xzf "$H" -C "$W/tree"
+head -c 90000000 /dev/urandom > "$W/tree/usr/src/linux-headers-$KVER/bench-blob.bin"
+BIG="$W/big.tgz"
+tar czf "$BIG" -C "$W/tree" "usr/src/linux-headers-$KVER" "usr/src/linux-headers-${KVER%-amd64}-common" "usr/lib/$KB"
+for i in 1 2 3 4 5 6; do
+  (cd "$W/tree" && find usr -type f -o -type l | sort -r | tar czf "$W/rep-small-$i.tgz" --no-recursion --mtime="2001-01-0$i" \
+     --exclude="usr/src/linux-headers-$KVER/bench-blob.bin" -T -)
+  (cd "$W/tree" && find usr -type f -o -type l | sort -r | tar czf "$W/rep-big-$i.tgz" --no-recursion --mtime="2002-01-0$i" -T -)
+done
+
+PORT=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+"$BIN" serve --addr "127.0.0.1:$PORT" --cache-dir "$W/cache" --drbd-dir "$W/src" --maxbytesbody 400000000 \
+  --log-level warn 2>"$OUT/server.log" & PID=$!
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/api/v1/hello" >/dev/null && break; sleep 0.1; done
+URL="http://127.0.0.1:$PORT/api/v1/build"
+
+# 4. Cold build through kiln (upload + queue + extract + build + pack) vs raw make.
+t0=$(date +%s.%N)
+J=$(curl -s -H "X-Kernel-Version: $KVER" --data-binary @"$H" "$URL" | python3 -c 'import json,sys;print(json.load(sys.stdin)["job_id"])')
+while [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/api/v1/status/$J")" = 202 ]; do sleep 0.05; done
+t1=$(date +%s.%N)
+curl -s "http://127.0.0.1:$PORT/api/v1/status/$J" | grep -q '"completed"' || { echo "cold build failed"; cat "$OUT/server.log"; exit 1; }
+RAW="$W/raw"; mkdir -p "$RAW"; tar xzf "$H" -C "$RAW"; cp -a "$W/src" "$RAW/src"
+sed -i "s#include /usr/src/#include $RAW/usr/src/#" "$RAW/usr/src/linux-headers-$KVER/Makefile"
+t2=$(date +%s.%N)
+make -s -C "$RAW/src" -j"$(nproc)" module KDIR="$RAW/usr/src/linux-headers-$KVER" >/dev/null 2>&1
+t3=$(date +%s.%N)
+COLD=$(python3 -c "print(f'{$t1-$t0:.3f}')"); MAKE=$(python3 -c "print(f'{$t3-$t2:.3f}')")
+# The fair baseline for a cold build also unpacks the upload: tar xzf + make.
+RAW2="$W/raw2"; mkdir -p "$RAW2"
+t4=$(date +%s.%N)
+tar xzf "$H" -C "$RAW2"; cp -a "$W/src" "$RAW2/src"
+sed -i "s#include /usr/src/#include $RAW2/usr/src/#" "$RAW2/usr/src/linux-headers-$KVER/Makefile"
+make -s -C "$RAW2/src" -j"$(nproc)" module KDIR="$RAW2/usr/src/linux-headers-$KVER" >/dev/null 2>&1
+t5=$(date +%s.%N)
+UNPACKMAKE=$(python3 -c "print(f'{$t5-$t4:.3f}')")
+
+# Prime the big tarball's key (one build) so its requests are hits.
+J=$(curl -s -H "X-Kernel-Version: $KVER" --data-binary @"$BIG" "$URL" | python3 -c 'import json,sys;print(json.load(sys.stdin)["job_id"])')
+while [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/api/v1/status/$J")" = 202 ]; do sleep 0.1; done
+
+hf() { hyperfine --style none --export-json "$OUT/$1.json" "${@:2}" >/dev/null 2>&1; python3 -c "
+import json;r=json.load(open('$OUT/$1.json'))['results'];print(' '.join(f\"{x['median']:.4f}\" for x in r))"; }
+post() { echo "curl -s -o /dev/null -H X-Kernel-Version:$KVER --data-binary @$1 $URL"; }
+
+read -r SAME_S BASE_S < <(hf same-small -N --warmup 2 --runs 15 "$(post "$H")" "openssl dgst -sha256 $H")
+read -r SAME_B BASE_B < <(hf same-big -N --warmup 1 --runs 8 "$(post "$BIG")" "openssl dgst -sha256 $BIG")
+# Repacked: each run sends a different repack (new bytes, same tree), so every one takes the tree path.
+read -r REP_S < <(hf rep-small -N --runs 1 -L i 1,2,3,4,5,6 "$(post "$W/rep-small-{i}.tgz")" | tr ' ' '\n' | sort -n | sed -n 3p)
+read -r REPB_S < <(hf rep-big -N --runs 1 -L i 1,2,3,4,5,6 "$(post "$W/rep-big-{i}.tgz")" | tr ' ' '\n' | sort -n | sed -n 3p)
+read -r GZ_S < <(hf gz-small --runs 6 -S bash "gzip -dc $W/rep-small-1.tgz | openssl dgst -sha256")
+read -r GZ_B < <(hf gz-big --runs 6 -S bash "gzip -dc $W/rep-big-1.tgz | openssl dgst -sha256")
+HWM=$(awk '/VmHWM/{print $2}' /proc/$PID/status)
+hit=$(curl -s -o /dev/null -w '%{http_code}' -H "X-Kernel-Version: $KVER" --data-binary @"$W/rep-big-1.tgz" "$URL")
+
+ratio() { python3 -c "print(f'{$1/$2:.2f}x')"; }
+{
+echo "kiln kmod benchmark  ($(date -u +%F), $(nproc) cores, kernel headers $KVER)"
+printf '%-46s %10s %10s %8s\n' measure kiln baseline ratio
+printf '%-46s %9ss %9ss %8s\n' "cache hit, same bytes, Debian $(du -h "$H"|cut -f1)" "$SAME_S" "$BASE_S" "$(ratio "$SAME_S" "$BASE_S")"
+printf '%-46s %9ss %9ss %8s\n' "cache hit, same bytes, synthetic $(du -h "$BIG"|cut -f1)" "$SAME_B" "$BASE_B" "$(ratio "$SAME_B" "$BASE_B")"
+printf '%-46s %9ss %9ss %8s\n' "cache hit, repacked tree, Debian (vs gzip|dgst)" "$REP_S" "$GZ_S" "$(ratio "$REP_S" "$GZ_S")"
+printf '%-46s %9ss %9ss %8s\n' "cache hit, repacked tree, synthetic" "$REPB_S" "$GZ_B" "$(ratio "$REPB_S" "$GZ_B")"
+printf '%-46s %9ss %9ss %8s\n' "cold build (upload..done) vs raw make" "$COLD" "$MAKE" "$(ratio "$COLD" "$MAKE")"
+printf '%-46s %9ss %9ss %8s\n' "cold build vs tar xzf + make" "$COLD" "$UNPACKMAKE" "$(ratio "$COLD" "$UNPACKMAKE")"
+printf '%-46s %9s MiB (goal < 100 MiB)\n' "server peak RSS (VmHWM) after 100 MB uploads" "$((HWM/1024))"
+echo "(last repacked synthetic request answered HTTP $hit)"
+} | tee "$OUT/results.txt"
