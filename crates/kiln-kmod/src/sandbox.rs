@@ -27,21 +27,10 @@ impl Sandbox {
                 .await
                 .is_ok()
         }
+        // Probe with exactly the arguments builds will use.
+        let tmp = std::env::temp_dir();
         if kiln_exec::which("bwrap").is_some()
-            && probe(Cmd::new("bwrap").args([
-                "--ro-bind",
-                "/",
-                "/",
-                "--dev",
-                "/dev",
-                "--proc",
-                "/proc",
-                "--unshare-net",
-                "--unshare-pid",
-                "--die-with-parent",
-                "true",
-            ]))
-            .await
+            && probe(Sandbox::Bwrap.wrap(Cmd::new("true"), &tmp, &tmp, false)).await
         {
             return Sandbox::Bwrap;
         }

@@ -6,7 +6,6 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use kiln_core::{Digest, Hasher};
-use tokio::io::AsyncWriteExt;
 
 use crate::{Result, StoreError};
 
@@ -62,13 +61,15 @@ impl Cas {
     /// Start writing a blob whose digest is not yet known.
     pub async fn writer(&self) -> Result<TempBlob> {
         let path = self.temp_path();
-        let file = tokio::fs::File::create(&path)
+        let p2 = path.clone();
+        let file = tokio::task::spawn_blocking(move || std::fs::File::create(&p2))
             .await
+            .map_err(|e| StoreError::Malformed(e.to_string()))?
             .map_err(io("create", &path))?;
         Ok(TempBlob {
-            file: Some(file),
+            state: Some((file, Hasher::new())),
+            buf: Vec::with_capacity(TempBlob::BATCH),
             path,
-            hasher: Hasher::new(),
             size: 0,
             root: self.clone(),
         })
@@ -140,34 +141,57 @@ impl Cas {
     }
 }
 
-/// A blob being written. Dropped without [`TempBlob::commit`], its temp file
-/// is removed.
+/// A blob being written. Writes are batched (1 MiB) and each batch is
+/// hashed and written on a blocking thread, so a large upload costs one
+/// thread hop per MiB, not per network chunk. Dropped without
+/// [`TempBlob::commit`], its temp file is removed.
 #[derive(Debug)]
 pub struct TempBlob {
-    file: Option<tokio::fs::File>,
+    state: Option<(std::fs::File, Hasher)>,
+    buf: Vec<u8>,
     path: PathBuf,
-    hasher: Hasher,
     size: u64,
     root: Cas,
 }
 
 impl TempBlob {
-    pub async fn write(&mut self, data: &[u8]) -> Result<()> {
-        self.hasher.update(data);
-        self.size += data.len() as u64;
-        let f = self
-            .file
-            .as_mut()
-            .ok_or_else(|| StoreError::Malformed("blob already committed".into()))?;
-        f.write_all(data).await.map_err(io("write", &self.path))
-    }
+    const BATCH: usize = 1 << 20;
 
-    /// Flush buffered writes so the file can be read by path.
-    pub async fn flush(&mut self) -> Result<()> {
-        if let Some(f) = self.file.as_mut() {
-            f.flush().await.map_err(io("flush", &self.path))?;
+    pub async fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.size += data.len() as u64;
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= Self::BATCH {
+            self.drain().await?;
         }
         Ok(())
+    }
+
+    /// Hash and write the buffered bytes.
+    async fn drain(&mut self) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let (mut file, mut hasher) = self
+            .state
+            .take()
+            .ok_or_else(|| StoreError::Malformed("blob already committed".into()))?;
+        let buf = std::mem::replace(&mut self.buf, Vec::with_capacity(Self::BATCH));
+        let (r, file, hasher, mut buf) = tokio::task::spawn_blocking(move || {
+            hasher.update(&buf);
+            let r = std::io::Write::write_all(&mut file, &buf);
+            (r, file, hasher, buf)
+        })
+        .await
+        .map_err(|e| StoreError::Malformed(e.to_string()))?;
+        self.state = Some((file, hasher));
+        buf.clear();
+        self.buf = buf;
+        r.map_err(io("write", &self.path))
+    }
+
+    /// Write out buffered bytes so the file can be read by path.
+    pub async fn flush(&mut self) -> Result<()> {
+        self.drain().await
     }
 
     pub fn size(&self) -> u64 {
@@ -178,25 +202,30 @@ impl TempBlob {
         &self.path
     }
 
-    /// The digest of what was written so far.
+    /// The digest of what was written (after [`TempBlob::flush`]).
     pub fn digest(&self) -> Digest {
-        self.hasher.clone().finish()
+        self.state
+            .as_ref()
+            .map(|(_, h)| h.clone().finish())
+            .unwrap_or_else(|| Digest::of(b""))
     }
 
     /// fsync, then rename into the store. Returns digest and size.
     pub async fn commit(mut self) -> Result<(Digest, u64)> {
-        let mut f = self
-            .file
+        self.drain().await?;
+        let (file, hasher) = self
+            .state
             .take()
             .ok_or_else(|| StoreError::Malformed("blob already committed".into()))?;
-        f.flush().await.map_err(io("flush", &self.path))?;
-        f.sync_all().await.map_err(io("fsync", &self.path))?;
-        drop(f);
-        let d = self.hasher.clone().finish();
+        let d = hasher.finish();
         let (root, tmp) = (self.root.clone(), self.path.clone());
-        tokio::task::spawn_blocking(move || root.place(&tmp, &d))
-            .await
-            .map_err(|e| StoreError::Malformed(e.to_string()))??;
+        tokio::task::spawn_blocking(move || {
+            file.sync_all().map_err(io("fsync", &tmp))?;
+            drop(file);
+            root.place(&tmp, &d)
+        })
+        .await
+        .map_err(|e| StoreError::Malformed(e.to_string()))??;
         self.path = PathBuf::new();
         Ok((d, self.size))
     }
@@ -221,6 +250,8 @@ mod tests {
         let mut w = cas.writer().await.unwrap();
         w.write(b"hello ").await.unwrap();
         w.write(b"world").await.unwrap();
+        w.flush().await.unwrap();
+        assert_eq!(w.digest(), Digest::of(b"hello world"));
         let tmp = w.path().to_path_buf();
         let (d, n) = w.commit().await.unwrap();
         assert_eq!(n, 11);
