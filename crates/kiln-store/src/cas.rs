@@ -68,6 +68,7 @@ impl Cas {
             .map_err(io("create", &path))?;
         Ok(TempBlob {
             state: Some((file, Hasher::new())),
+            inflight: None,
             buf: Vec::with_capacity(TempBlob::BATCH),
             path,
             size: 0,
@@ -145,9 +146,13 @@ impl Cas {
 /// hashed and written on a blocking thread, so a large upload costs one
 /// thread hop per MiB, not per network chunk. Dropped without
 /// [`TempBlob::commit`], its temp file is removed.
+type Batch = (std::io::Result<()>, std::fs::File, Hasher, Vec<u8>);
+
 #[derive(Debug)]
 pub struct TempBlob {
     state: Option<(std::fs::File, Hasher)>,
+    /// The batch being hashed and written while the next one is received.
+    inflight: Option<tokio::task::JoinHandle<Batch>>,
     buf: Vec<u8>,
     path: PathBuf,
     size: u64,
@@ -166,8 +171,25 @@ impl TempBlob {
         Ok(())
     }
 
-    /// Hash and write the buffered bytes.
+    /// Wait for the batch in flight, taking the file and hasher back.
+    async fn settle(&mut self) -> Result<()> {
+        if let Some(h) = self.inflight.take() {
+            let (r, file, hasher, mut buf) =
+                h.await.map_err(|e| StoreError::Malformed(e.to_string()))?;
+            self.state = Some((file, hasher));
+            r.map_err(io("write", &self.path))?;
+            if self.buf.is_empty() {
+                buf.clear();
+                self.buf = buf; // reuse the allocation
+            }
+        }
+        Ok(())
+    }
+
+    /// Start hashing and writing the buffered bytes on a blocking thread;
+    /// the previous batch must finish first, so order is kept.
     async fn drain(&mut self) -> Result<()> {
+        self.settle().await?;
         if self.buf.is_empty() {
             return Ok(());
         }
@@ -176,22 +198,18 @@ impl TempBlob {
             .take()
             .ok_or_else(|| StoreError::Malformed("blob already committed".into()))?;
         let buf = std::mem::replace(&mut self.buf, Vec::with_capacity(Self::BATCH));
-        let (r, file, hasher, mut buf) = tokio::task::spawn_blocking(move || {
+        self.inflight = Some(tokio::task::spawn_blocking(move || {
             hasher.update(&buf);
             let r = std::io::Write::write_all(&mut file, &buf);
             (r, file, hasher, buf)
-        })
-        .await
-        .map_err(|e| StoreError::Malformed(e.to_string()))?;
-        self.state = Some((file, hasher));
-        buf.clear();
-        self.buf = buf;
-        r.map_err(io("write", &self.path))
+        }));
+        Ok(())
     }
 
     /// Write out buffered bytes so the file can be read by path.
     pub async fn flush(&mut self) -> Result<()> {
-        self.drain().await
+        self.drain().await?;
+        self.settle().await
     }
 
     pub fn size(&self) -> u64 {
@@ -212,7 +230,7 @@ impl TempBlob {
 
     /// fsync, then rename into the store. Returns digest and size.
     pub async fn commit(mut self) -> Result<(Digest, u64)> {
-        self.drain().await?;
+        self.flush().await?;
         let (file, hasher) = self
             .state
             .take()
@@ -233,6 +251,9 @@ impl TempBlob {
 
 impl Drop for TempBlob {
     fn drop(&mut self) {
+        if let Some(h) = self.inflight.take() {
+            h.abort();
+        }
         if !self.path.as_os_str().is_empty() {
             let _ = std::fs::remove_file(&self.path);
         }
