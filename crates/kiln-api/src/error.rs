@@ -55,10 +55,8 @@ impl ApiError {
         self.extra = Some(extra);
         self
     }
-    pub fn with_status(mut self, status: StatusCode, code: &'static str) -> ApiError {
-        self.status = status;
-        self.code = code;
-        self
+    pub fn unprocessable(code: &'static str, m: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, m)
     }
     pub fn status_code(&self) -> StatusCode {
         self.status

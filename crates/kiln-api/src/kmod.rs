@@ -74,18 +74,19 @@ pub async fn build(
         }
     }
     let mut upload = s.kmod.cas().writer().await.map_err(ApiError::internal)?;
+    let not_gzip =
+        || ApiError::bad_request("the body is not gzip data (send the kernel headers as a tar.gz)");
     let mut body = req.into_body().into_data_stream();
+    // The first two bytes, to refuse a non-gzip body before storing it.
+    let mut head: Vec<u8> = Vec::with_capacity(2);
     while let Some(chunk) = body.next().await {
         let chunk =
             chunk.map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?;
-        if upload.size() == 0
-            && !chunk.is_empty()
-            && !kiln_archive::is_gzip(&chunk[..chunk.len().min(2)])
-            && chunk.len() >= 2
-        {
-            return Err(ApiError::bad_request(
-                "the body is not gzip data (send the kernel headers as a tar.gz)",
-            ));
+        if head.len() < 2 {
+            head.extend(chunk.iter().take(2 - head.len()));
+            if head.len() == 2 && !kiln_archive::is_gzip(&head) {
+                return Err(not_gzip());
+            }
         }
         if upload.size() + chunk.len() as u64 > s.max_body {
             return Err(ApiError::too_large(s.max_body));
@@ -96,6 +97,9 @@ pub async fn build(
         return Err(ApiError::bad_request(
             "empty body: send the kernel headers as a tar.gz",
         ));
+    }
+    if head.len() < 2 {
+        return Err(not_gzip());
     }
     upload.flush().await.map_err(ApiError::internal)?;
     let force = truthy(&q.force);
@@ -119,11 +123,13 @@ pub async fn build(
             .into_response()),
         Outcome::Job(Submitted::PreviouslyFailed(j)) => {
             let tail = kiln_engine::JobLog::tail(&s.engine.log_path(&j.id), 40);
-            Err(ApiError::bad_request(format!(
-                "this exact build failed before: {}; resend with ?force=true to build again",
-                j.error.clone().unwrap_or_default()
-            ))
-            .with_status(StatusCode::UNPROCESSABLE_ENTITY, "previously_failed")
+            Err(ApiError::unprocessable(
+                "previously_failed",
+                format!(
+                    "this exact build failed before: {}; resend with ?force=true to build again",
+                    j.error.clone().unwrap_or_default()
+                ),
+            )
             .with(serde_json::json!({
                 "status": "failed",
                 "job_id": j.id,

@@ -197,6 +197,28 @@ impl Kmod {
         }
     }
 
+    /// A cache hit for `key` found through `index` (`raw` or `tree`), counted and logged.
+    fn hit(
+        &self,
+        index: &str,
+        kver: &KernelVersion,
+        key: &str,
+    ) -> Result<Option<Outcome>, KmodError> {
+        let Some((path, job_id)) = self.cached(key)? else {
+            return Ok(None);
+        };
+        self.metrics
+            .cache_hits
+            .with_label_values(&[KIND, index])
+            .inc();
+        tracing::info!(kernel_version = %kver, cache_key = %key, index, "cache hit");
+        Ok(Some(Outcome::Hit {
+            path,
+            cache_key: key.to_string(),
+            job_id,
+        }))
+    }
+
     /// Answer a build request whose body has been streamed to `upload`
     /// (not yet committed to the cache). `raw` is the digest of its bytes.
     pub async fn request(
@@ -211,17 +233,8 @@ impl Kmod {
         let alias = self.key("raw-v1", &raw, &kver, &src);
         if !force {
             if let Some(key) = self.db.alias(KIND, &alias)? {
-                if let Some((path, job_id)) = self.cached(&key)? {
-                    self.metrics
-                        .cache_hits
-                        .with_label_values(&[KIND, "raw"])
-                        .inc();
-                    tracing::info!(kernel_version = %kver, cache_key = %key, "cache hit (raw upload digest)");
-                    return Ok(Outcome::Hit {
-                        path,
-                        cache_key: key,
-                        job_id,
-                    });
+                if let Some(hit) = self.hit("raw", &kver, &key)? {
+                    return Ok(hit);
                 }
             }
         }
@@ -237,18 +250,9 @@ impl Kmod {
         .map_err(|e| KmodError::Join(e.to_string()))??;
         let key = self.key("tree-v1", &summary.digest, &kver, &src);
         if !force {
-            if let Some((path, job_id)) = self.cached(&key)? {
+            if let Some(hit) = self.hit("tree", &kver, &key)? {
                 self.db.put_alias(KIND, &alias, &key)?;
-                self.metrics
-                    .cache_hits
-                    .with_label_values(&[KIND, "tree"])
-                    .inc();
-                tracing::info!(kernel_version = %kver, cache_key = %key, "cache hit (headers tree digest)");
-                return Ok(Outcome::Hit {
-                    path,
-                    cache_key: key,
-                    job_id,
-                });
+                return Ok(hit);
             }
         }
         self.metrics.cache_misses.with_label_values(&[KIND]).inc();

@@ -69,7 +69,7 @@ async fn pack_headers(headers: &Path, kver: &str, out: &Path) -> Result<()> {
         PathBuf::from(format!("lib/modules/{kver}/build")),
         roots[0].clone(),
     )];
-    let total: u64 = roots.iter().flat_map(|r| walkdir_sizes(r)).sum();
+    let total: u64 = roots.iter().map(|r| tree_bytes(r)).sum();
     let pb = ProgressBar::new(total).with_style(
         ProgressStyle::with_template("packing   {bar:30} {bytes}/{total_bytes} {msg}")
             .expect("template"),
@@ -88,24 +88,16 @@ async fn pack_headers(headers: &Path, kver: &str, out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn walkdir_sizes(root: &Path) -> Vec<u64> {
-    fn walk(p: &Path, acc: &mut Vec<u64>, depth: usize) {
-        if depth > 40 {
-            return;
-        }
-        if let Ok(rd) = std::fs::read_dir(p) {
-            for e in rd.flatten() {
-                match std::fs::metadata(e.path()) {
-                    Ok(m) if m.is_dir() => walk(&e.path(), acc, depth + 1),
-                    Ok(m) => acc.push(m.len()),
-                    Err(_) => {}
-                }
-            }
-        }
-    }
-    let mut acc = Vec::new();
-    walk(root, &mut acc, 0);
-    acc
+/// Bytes below `root`, following links (as packing does), for the progress bar.
+fn tree_bytes(root: &Path) -> u64 {
+    walkdir::WalkDir::new(root)
+        .follow_links(true)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
 }
 
 pub async fn kmod_build(a: KmodBuildArgs) -> Result<()> {

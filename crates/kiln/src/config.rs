@@ -40,10 +40,14 @@ pub enum KmodCmd {
     Build(KmodBuildArgs),
 }
 
-#[derive(Debug, Args)]
+/// Every option is an `Option` so that "not given" is visible; the same
+/// struct is the config file's schema, so the two never drift apart.
+#[derive(Debug, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ServeArgs {
     /// TOML config file; keys are the long flag names with `_` for `-`.
     #[arg(long, env = "KILN_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Listen address, `host:port` or `:port` (all interfaces). [default: :2021]
     #[arg(long, env = "KILN_ADDR")]
@@ -110,32 +114,6 @@ pub struct ServeArgs {
     pub sign_cert: Option<PathBuf>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    addr: Option<String>,
-    drbd_dir: Option<PathBuf>,
-    drbd_version: Option<String>,
-    drbd_repo: Option<String>,
-    cache_dir: Option<PathBuf>,
-    data_dir: Option<PathBuf>,
-    maxbytesbody: Option<u64>,
-    keeptmpdir: Option<bool>,
-    certfile: Option<PathBuf>,
-    keyfile: Option<PathBuf>,
-    log_level: Option<String>,
-    log_format: Option<String>,
-    spaas_url: Option<String>,
-    build_network: Option<bool>,
-    concurrency: Option<usize>,
-    job_timeout: Option<u64>,
-    cache_max_bytes: Option<u64>,
-    max_extract_bytes: Option<u64>,
-    max_extract_entries: Option<u64>,
-    sign_key: Option<PathBuf>,
-    sign_cert: Option<PathBuf>,
-}
-
 /// The validated daemon configuration.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -177,14 +155,14 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr> {
 
 impl ServeArgs {
     pub fn resolve(self) -> Result<ServeConfig> {
-        let file: FileConfig = match &self.config {
+        let file: ServeArgs = match &self.config {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .with_context(|| format!("reading config file {}", p.display()))?;
                 toml::from_str(&text)
                     .with_context(|| format!("parsing config file {}", p.display()))?
             }
-            None => FileConfig::default(),
+            None => ServeArgs::default(),
         };
         let addr = parse_addr(&self.addr.or(file.addr).unwrap_or_else(|| ":2021".into()))?;
         let version = self
@@ -397,5 +375,16 @@ mod tests {
             panic!()
         };
         assert!(args.resolve().is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("kiln.toml");
+        std::fs::write(&f, "adrr = \":1\"\n").unwrap();
+        let Cli {
+            command: Command::Serve(args),
+        } = Cli::parse_from(["kiln", "serve", "--config", f.to_str().unwrap()])
+        else {
+            panic!()
+        };
+        let e = format!("{:#}", args.resolve().unwrap_err());
+        assert!(e.contains("unknown field") && e.contains("adrr"), "{e}");
     }
 }
