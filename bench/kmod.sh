@@ -3,6 +3,7 @@
 #   1. cache-hit request time, same bytes   vs  openssl dgst -sha256 FILE
 #   2. cache-hit request time, repacked tree vs  gzip -dc FILE | openssl dgst -sha256
 #      (both on the Debian headers tarball and on a ~100 MB synthetic one)
+#      plus the floor: curl posting the same file to a sink that does no work
 #   3. server peak RSS (VmHWM) after taking the 100 MB uploads
 #   4. a cold build through kiln vs raw `make module KDIR=...`
 # Needs the fixtures of scripts/test.sh. Prints a table; writes bench/out/.
@@ -13,7 +14,7 @@ FIX="${KILN_TEST_FIXTURES:-$PWD/target/kiln-fixtures}"
 command -v hyperfine >/dev/null || { apt-get update -qq && apt-get install -y -qq hyperfine >/dev/null; }
 KVER=$(cat "$FIX/kver"); KB=$(cat "$FIX/kbuild")
 OUT="$PWD/bench/out"; rm -rf "$OUT"; mkdir -p "$OUT"
-W=$(mktemp -d /var/tmp/kiln-bench.XXXXXX); trap 'kill $PID 2>/dev/null || true; rm -rf "$W"' EXIT
+W=$(mktemp -d /var/tmp/kiln-bench.XXXXXX); trap 'kill $PID $SINK 2>/dev/null || true; rm -rf "$W"' EXIT
 cargo build --release -p kiln 2>&1 | tail -1
 BIN="$PWD/target/release/kiln"
 
@@ -47,6 +48,8 @@ PORT=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print
   --log-level warn 2>"$OUT/server.log" & PID=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/api/v1/hello" >/dev/null && break; sleep 0.1; done
 URL="http://127.0.0.1:$PORT/api/v1/build"
+SPORT=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+python3 bench/sink.py "$SPORT" & SINK=$!
 
 # 4. Cold build through kiln (upload + queue + extract + build + pack) vs raw make.
 t0=$(date +%s.%N)
@@ -77,8 +80,9 @@ hf() { hyperfine --style none --export-json "$OUT/$1.json" "${@:2}" >/dev/null 2
 import json;r=json.load(open('$OUT/$1.json'))['results'];print(' '.join(f\"{x['median']:.4f}\" for x in r))"; }
 post() { echo "curl -s -o /dev/null -H X-Kernel-Version:$KVER --data-binary @$1 $URL"; }
 
-read -r SAME_S BASE_S < <(hf same-small -N --warmup 2 --runs 15 "$(post "$H")" "openssl dgst -sha256 $H")
-read -r SAME_B BASE_B < <(hf same-big -N --warmup 1 --runs 8 "$(post "$BIG")" "openssl dgst -sha256 $BIG")
+sink() { echo "curl -s -o /dev/null --data-binary @$1 http://127.0.0.1:$SPORT/"; }
+read -r SAME_S BASE_S FLOOR_S < <(hf same-small -N --warmup 2 --runs 15 "$(post "$H")" "openssl dgst -sha256 $H" "$(sink "$H")")
+read -r SAME_B BASE_B FLOOR_B < <(hf same-big -N --warmup 1 --runs 8 "$(post "$BIG")" "openssl dgst -sha256 $BIG" "$(sink "$BIG")")
 # Repacked: each run sends a different repack (new bytes, same tree), so every one takes the tree path.
 read -r REP_S < <(hf rep-small -N --runs 1 -L i 1,2,3,4,5,6 "$(post "$W/rep-small-{i}.tgz")" | tr ' ' '\n' | sort -n | sed -n 3p)
 read -r REPB_S < <(hf rep-big -N --runs 1 -L i 1,2,3,4,5,6 "$(post "$W/rep-big-{i}.tgz")" | tr ' ' '\n' | sort -n | sed -n 3p)
@@ -93,6 +97,9 @@ echo "kiln kmod benchmark  ($(date -u +%F), $(nproc) cores, kernel headers $KVER
 printf '%-46s %10s %10s %8s\n' measure kiln baseline ratio
 printf '%-46s %9ss %9ss %8s\n' "cache hit, same bytes, Debian $(du -h "$H"|cut -f1)" "$SAME_S" "$BASE_S" "$(ratio "$SAME_S" "$BASE_S")"
 printf '%-46s %9ss %9ss %8s\n' "cache hit, same bytes, synthetic $(du -h "$BIG"|cut -f1)" "$SAME_B" "$BASE_B" "$(ratio "$SAME_B" "$BASE_B")"
+printf '%-46s %9ss %9ss %8s\n' "  floor: curl to a do-nothing sink, Debian" "$FLOOR_S" "$BASE_S" "$(ratio "$FLOOR_S" "$BASE_S")"
+printf '%-46s %9ss %9ss %8s\n' "  floor: curl to a do-nothing sink, synthetic" "$FLOOR_B" "$BASE_B" "$(ratio "$FLOOR_B" "$BASE_B")"
+printf '%-46s %9ss %9ss %8s\n' "  kiln hit vs that floor, Debian / synthetic" "$SAME_S" "$FLOOR_S" "$(ratio "$SAME_S" "$FLOOR_S") / $(ratio "$SAME_B" "$FLOOR_B")"
 printf '%-46s %9ss %9ss %8s\n' "cache hit, repacked tree, Debian (vs gzip|dgst)" "$REP_S" "$GZ_S" "$(ratio "$REP_S" "$GZ_S")"
 printf '%-46s %9ss %9ss %8s\n' "cache hit, repacked tree, synthetic" "$REPB_S" "$GZ_B" "$(ratio "$REPB_S" "$GZ_B")"
 printf '%-46s %9ss %9ss %8s\n' "cold build (upload..done) vs raw make" "$COLD" "$MAKE" "$(ratio "$COLD" "$MAKE")"

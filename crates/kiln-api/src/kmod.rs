@@ -73,6 +73,7 @@ pub async fn build(
             return Err(ApiError::too_large(s.max_body));
         }
     }
+    let t0 = std::time::Instant::now();
     let mut upload = s.kmod.cas().writer().await.map_err(ApiError::internal)?;
     let not_gzip =
         || ApiError::bad_request("the body is not gzip data (send the kernel headers as a tar.gz)");
@@ -102,8 +103,16 @@ pub async fn build(
         return Err(not_gzip());
     }
     upload.flush().await.map_err(ApiError::internal)?;
+    let (bytes, upload_ms) = (upload.size(), t0.elapsed().as_secs_f64() * 1e3);
     let force = truthy(&q.force);
-    match s.kmod.request(&s.engine, upload, kver, force).await? {
+    let outcome = s.kmod.request(&s.engine, upload, kver, force).await?;
+    tracing::info!(
+        bytes,
+        upload_ms,
+        decide_ms = t0.elapsed().as_secs_f64() * 1e3 - upload_ms,
+        "headers upload handled"
+    );
+    match outcome {
         Outcome::Hit { path, cache_key, job_id } => {
             let mut extra = vec![("x-kiln-cache", "hit".to_string()), ("x-kiln-cache-key", cache_key)];
             if let Some(j) = job_id {

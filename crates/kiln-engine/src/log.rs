@@ -15,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 pub struct JobLog {
     file: Mutex<Option<File>>,
     path: PathBuf,
+    opened: std::time::Instant,
 }
 
 impl JobLog {
@@ -28,6 +29,7 @@ impl JobLog {
         JobLog {
             file: Mutex::new(file),
             path: path.to_path_buf(),
+            opened: std::time::Instant::now(),
         }
     }
 
@@ -42,9 +44,11 @@ impl JobLog {
         }
     }
 
-    /// A line from kiln itself (not from a tool).
+    /// A line from kiln itself (not from a tool), stamped with the time
+    /// since this attempt started.
     pub fn info(&self, line: &str) {
-        self.write("[kiln] ", line);
+        let t = self.opened.elapsed().as_secs_f64();
+        self.write(&format!("[kiln +{t:.3}s] "), line);
     }
 
     /// The last `n` lines, for error reports.
