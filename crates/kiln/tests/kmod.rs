@@ -458,3 +458,67 @@ fn cli_builds_from_a_headers_directory() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("404"));
 }
+
+/// The cache's guarantees through the binary: a tampered cached archive is
+/// never served (it is dropped and the request becomes a build again); the
+/// size cap evicts the least recently used archive; --keeptmpdir keeps the
+/// build directory.
+#[test]
+fn cache_integrity_eviction_and_keeptmpdir() {
+    let fx = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let src = module_source(dir.path(), "");
+    // Room for one uploaded headers blob plus module archives, not two headers blobs.
+    let cap = (std::fs::metadata(&fx.headers).unwrap().len() * 3 / 2).to_string();
+    let s = Server::start(
+        dir.path(),
+        &["--drbd-dir", src.to_str().unwrap(), "--cache-max-bytes", &cap, "--keeptmpdir"],
+    );
+    let (code, body) = s.build(&fx.headers, &fx.kver, "");
+    assert_eq!(code, 202);
+    let id = json(&body)["job_id"].as_str().unwrap().to_string();
+    let st = s.wait_job(&id, BUILD_TIMEOUT);
+    assert_eq!(st["status"], "completed", "{st}");
+    assert!(dir.path().join("cache/state/work").join(&id).join("src/src/hello.ko").is_file(), "--keeptmpdir kept nothing");
+
+    // Tamper with the cached archive: the next identical request must not get it.
+    let cached = std::path::PathBuf::from(st["cache_path"].as_str().unwrap());
+    std::fs::write(&cached, b"tampered").unwrap();
+    let (code, body) = s.build(&fx.headers, &fx.kver, "");
+    assert_eq!(code, 202, "a corrupt cache entry was served: {}", String::from_utf8_lossy(&body));
+    assert!(s.log().contains("corrupt cache blob removed"));
+    let id2 = json(&body)["job_id"].as_str().unwrap().to_string();
+    assert_eq!(s.wait_job(&id2, BUILD_TIMEOUT)["status"], "completed");
+    let (code, data) = s.build(&fx.headers, &fx.kver, "");
+    assert_eq!(code, 200);
+    assert_eq!(tar_names(&data), vec!["hello.ko"]);
+
+    // A second kernel version brings a second headers blob: over the cap, the
+    // least recently used blobs go, the running job's input never.
+    let other = "6.1.0-77-amd64";
+    let re = dir.path().join("other.tgz");
+    sh(&format!(
+        "mkdir -p {d}/o && tar xzf {h} -C {d}/o && cd {d}/o && mv usr/src/linux-headers-{k} usr/src/linux-headers-{other} && tar czf {re} usr",
+        d = dir.path().display(),
+        h = fx.headers.display(),
+        k = fx.kver,
+        re = re.display()
+    ));
+    let (code, body) = s.build(&re, other, "");
+    assert_eq!(code, 202, "{}", String::from_utf8_lossy(&body));
+    let id3 = json(&body)["job_id"].as_str().unwrap().to_string();
+    assert_eq!(s.wait_job(&id3, BUILD_TIMEOUT)["status"], "completed");
+    assert!(s.log().contains("evicted from cache (LRU)"), "{}", s.log());
+    let (_, m) = curl(&[&s.url("/metrics")]);
+    let bytes: u64 = String::from_utf8_lossy(&m)
+        .lines()
+        .find_map(|l| l.strip_prefix("kiln_cache_bytes "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(bytes <= cap.parse().unwrap(), "cache holds {bytes} bytes, cap {cap}");
+    // The newest build is still served.
+    let (code, _) = curl(&[&s.url(&format!("/api/v1/download/{id3}"))]);
+    assert_eq!(code, 200);
+}
