@@ -47,7 +47,7 @@ pub fn is_gzip(head: &[u8]) -> bool {
 
 /// Validate and digest a tar.gz without writing anything.
 pub fn digest_tar_gz(r: impl Read, limits: Limits) -> Result<TreeSummary, ArchiveError> {
-    read_entries(r, limits, true, &mut |_| true)
+    read_entries(r, limits, &mut |_| true)
 }
 
 /// Validate, digest and extract a tar.gz below `dest`, which must exist.
@@ -55,25 +55,14 @@ pub fn digest_tar_gz(r: impl Read, limits: Limits) -> Result<TreeSummary, Archiv
 /// names are refused, absolute link targets are re-rooted at `dest`, links
 /// that climb out are refused, and no entry is written through a symlink.
 ///
-/// The returned summary has no digest (`None`): callers that extract already
-/// know the archive by its digest, and hashing would slow the reader thread.
+/// The tree digest is the same [`digest_tar_gz`] gives, computed in the same
+/// pass (the reader thread hashes while the writer thread writes).
 pub fn extract_tar_gz(
     r: impl Read,
     dest: &Path,
     limits: Limits,
-) -> Result<Extracted, ArchiveError> {
-    let s = extract(r, limits, dest)?;
-    Ok(Extracted {
-        entries: s.entries,
-        bytes: s.bytes,
-    })
-}
-
-/// What an extraction wrote.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Extracted {
-    pub entries: u64,
-    pub bytes: u64,
+) -> Result<TreeSummary, ArchiveError> {
+    extract(r, limits, dest)
 }
 
 enum Record {
@@ -340,23 +329,31 @@ fn extract(r: impl Read, limits: Limits, dest: &Path) -> Result<TreeSummary, Arc
             w.close_file()?;
             w.check_links()
         });
-        // A failed send means the writer stopped on an error; report that one.
-        let read = read_entries(r, limits, false, &mut |op| tx.send(op).is_ok());
+        // A failed send means the writer stopped on an error: report that
+        // one. Otherwise the reader's error (if any) is the first cause.
+        let mut writer_stopped = false;
+        let read = read_entries(r, limits, &mut |op| {
+            let sent = tx.send(op).is_ok();
+            writer_stopped |= !sent;
+            sent
+        });
         drop(tx);
         let wrote = writer
             .join()
             .unwrap_or_else(|_| Err(ArchiveError::Corrupt("extraction thread panicked".into())));
-        wrote?;
-        read
+        match (read, wrote) {
+            (Err(e), _) if !writer_stopped => Err(e),
+            (_, Err(w)) => Err(w),
+            (read, Ok(())) => read,
+        }
     })
 }
 
-/// Read every entry, validate it, feed the tree digest (when `hash`), and
-/// hand each filesystem operation to `emit` (which returns false to stop).
+/// Read every entry, validate it, feed the tree digest, and hand each
+/// filesystem operation to `emit` (which returns false to stop).
 fn read_entries(
     r: impl Read,
     limits: Limits,
-    hash: bool,
     emit: &mut dyn FnMut(Op) -> bool,
 ) -> Result<TreeSummary, ArchiveError> {
     let mut r = io::BufReader::with_capacity(256 * 1024, r);
@@ -437,9 +434,7 @@ fn read_entries(
                         });
                     }
                     buf.truncate(n);
-                    if hash {
-                        h.update(&buf);
-                    }
+                    h.update(&buf);
                     if !emit(Op::Chunk(buf)) {
                         return Err(stopped());
                     }
@@ -551,6 +546,56 @@ mod tests {
             components(b"a/../../b"),
             Err(ArchiveError::Traversal { .. })
         ));
+    }
+
+    /// A tar.gz written by GNU tar from `dir`, with `extra` tar arguments.
+    fn tgz(dir: &Path, extra: &[&str]) -> Vec<u8> {
+        let out = std::process::Command::new("tar")
+            .args(["czf", "-", "-C"])
+            .arg(dir)
+            .args(extra)
+            .arg(".")
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        out.stdout
+    }
+
+    #[test]
+    fn extraction_digests_like_digest_only_and_ignores_packing() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(src.path().join("a/b")).unwrap();
+        std::fs::write(src.path().join("a/b/f"), b"data").unwrap();
+        std::fs::write(src.path().join("top"), b"top").unwrap();
+        std::os::unix::fs::symlink("a/b/f", src.path().join("l")).unwrap();
+        let one = tgz(src.path(), &["--mtime=2001-01-01"]);
+        let two = tgz(
+            src.path(),
+            &[
+                "--mtime=2020-01-01",
+                "--owner=7",
+                "--group=7",
+                "--sort=name",
+            ],
+        );
+        assert_ne!(one, two);
+        let d1 = digest_tar_gz(&one[..], Limits::default()).unwrap();
+        let d2 = digest_tar_gz(&two[..], Limits::default()).unwrap();
+        assert_eq!(d1.digest, d2.digest);
+        let dest = tempfile::tempdir().unwrap();
+        let x = extract_tar_gz(&one[..], dest.path(), Limits::default()).unwrap();
+        assert_eq!(x, d1);
+        assert_eq!(std::fs::read(dest.path().join("a/b/f")).unwrap(), b"data");
+        assert_eq!(
+            std::fs::read_link(dest.path().join("l")).unwrap(),
+            Path::new("a/b/f")
+        );
+        std::fs::write(src.path().join("top"), b"changed").unwrap();
+        let three = tgz(src.path(), &[]);
+        assert_ne!(
+            digest_tar_gz(&three[..], Limits::default()).unwrap().digest,
+            d1.digest
+        );
     }
 
     #[test]

@@ -472,20 +472,38 @@ fn cache_integrity_eviction_and_keeptmpdir() {
     let cap = (std::fs::metadata(&fx.headers).unwrap().len() * 3 / 2).to_string();
     let s = Server::start(
         dir.path(),
-        &["--drbd-dir", src.to_str().unwrap(), "--cache-max-bytes", &cap, "--keeptmpdir"],
+        &[
+            "--drbd-dir",
+            src.to_str().unwrap(),
+            "--cache-max-bytes",
+            &cap,
+            "--keeptmpdir",
+        ],
     );
     let (code, body) = s.build(&fx.headers, &fx.kver, "");
     assert_eq!(code, 202);
     let id = json(&body)["job_id"].as_str().unwrap().to_string();
     let st = s.wait_job(&id, BUILD_TIMEOUT);
     assert_eq!(st["status"], "completed", "{st}");
-    assert!(dir.path().join("cache/state/work").join(&id).join("src/src/hello.ko").is_file(), "--keeptmpdir kept nothing");
+    assert!(
+        dir.path()
+            .join("cache/state/work")
+            .join(&id)
+            .join("src/src/hello.ko")
+            .is_file(),
+        "--keeptmpdir kept nothing"
+    );
 
     // Tamper with the cached archive: the next identical request must not get it.
     let cached = std::path::PathBuf::from(st["cache_path"].as_str().unwrap());
     std::fs::write(&cached, b"tampered").unwrap();
     let (code, body) = s.build(&fx.headers, &fx.kver, "");
-    assert_eq!(code, 202, "a corrupt cache entry was served: {}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        code,
+        202,
+        "a corrupt cache entry was served: {}",
+        String::from_utf8_lossy(&body)
+    );
     assert!(s.log().contains("corrupt cache blob removed"));
     let id2 = json(&body)["job_id"].as_str().unwrap().to_string();
     assert_eq!(s.wait_job(&id2, BUILD_TIMEOUT)["status"], "completed");
@@ -517,7 +535,10 @@ fn cache_integrity_eviction_and_keeptmpdir() {
         .trim()
         .parse()
         .unwrap();
-    assert!(bytes <= cap.parse().unwrap(), "cache holds {bytes} bytes, cap {cap}");
+    assert!(
+        bytes <= cap.parse().unwrap(),
+        "cache holds {bytes} bytes, cap {cap}"
+    );
     // The newest build is still served.
     let (code, _) = curl(&[&s.url(&format!("/api/v1/download/{id3}"))]);
     assert_eq!(code, 200);
