@@ -8,7 +8,7 @@ mod pack;
 mod read;
 
 pub use pack::{pack_files, pack_tree_rooted};
-pub use read::{digest_tar_gz, extract_tar_gz, is_gzip, Limits, TreeSummary};
+pub use read::{digest_tar_gz, extract_tar_gz, is_gzip, Extracted, Limits, TreeSummary};
 
 use std::path::PathBuf;
 

@@ -100,9 +100,6 @@ pub struct KmodConfig {
     pub limits: Limits,
     pub make_jobs: usize,
     pub cache_max_bytes: u64,
-    /// Where requests leave headers they extracted for the job (in kiln's
-    /// data dir; emptied at start).
-    pub staging_dir: PathBuf,
 }
 
 /// The job's parameters, stored with it, enough to re-run it after a restart.
@@ -144,72 +141,16 @@ pub struct Kmod {
     cas: Cas,
     db: Arc<Db>,
     metrics: Arc<Metrics>,
-    /// Uploads (by raw digest) some request is extracting right now; other
-    /// requests for the same bytes only digest them.
-    extracting: std::sync::Mutex<std::collections::HashSet<Digest>>,
-}
-
-/// Releases an upload's extraction claim when dropped.
-struct Claim<'a> {
-    set: &'a std::sync::Mutex<std::collections::HashSet<Digest>>,
-    digest: Digest,
-}
-
-impl Drop for Claim<'_> {
-    fn drop(&mut self) {
-        self.set
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.digest);
-    }
-}
-
-/// Remove a staging directory off the request path.
-fn discard(dir: Option<PathBuf>) {
-    if let Some(dir) = dir {
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(dir = %dir.display(), error = %e, "removing staged headers");
-                }
-            }
-        });
-    }
 }
 
 impl Kmod {
     pub fn new(cfg: KmodConfig, cas: Cas, db: Arc<Db>, metrics: Arc<Metrics>) -> Kmod {
-        // Staged trees belong to requests of an earlier run: none is valid now.
-        let _ = std::fs::remove_dir_all(&cfg.staging_dir);
-        if let Err(e) = std::fs::create_dir_all(&cfg.staging_dir) {
-            tracing::warn!(dir = %cfg.staging_dir.display(), error = %e, "cannot create the staging dir; every job will extract its own headers");
-        }
         Kmod {
             cfg,
             cas,
             db,
             metrics,
-            extracting: Default::default(),
         }
-    }
-
-    fn claim(&self, digest: Digest) -> Option<Claim<'_>> {
-        let fresh = self
-            .extracting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(digest);
-        // Build the guard only when it is ours (and after the lock is released:
-        // its Drop takes the same lock).
-        fresh.then(|| Claim {
-            set: &self.extracting,
-            digest,
-        })
-    }
-
-    /// Where headers staged for the job with this cache key wait.
-    fn staged(&self, cache_key: &str) -> PathBuf {
-        self.cfg.staging_dir.join(format!("key-{cache_key}"))
     }
 
     pub fn config(&self) -> &KmodConfig {
@@ -297,62 +238,23 @@ impl Kmod {
                 }
             }
         }
-        // Validate the archive and digest the tree it holds. The first
-        // request for these bytes also extracts them (same pass, two
-        // threads), so that on a miss the job need not decompress again;
-        // concurrent requests for the same bytes only digest.
+        // Validate the archive and digest the tree it holds, without writing it out.
         let file = upload.path().to_path_buf();
         let limits = self.cfg.limits;
-        let claim = self.claim(raw);
-        let staging = claim.as_ref().map(|_| {
-            self.cfg
-                .staging_dir
-                .join(format!("{}-{}", raw.hex(), JobId::new_random()))
-        });
-        let dir = staging.clone();
         let summary = tokio::task::spawn_blocking(move || {
             let f = std::fs::File::open(&file)
                 .map_err(|source| ArchiveError::Io { path: file, source })?;
-            match dir {
-                Some(dir) => {
-                    std::fs::create_dir_all(&dir).map_err(|source| ArchiveError::Io {
-                        path: dir.clone(),
-                        source,
-                    })?;
-                    kiln_archive::extract_tar_gz(f, &dir, limits)
-                }
-                None => kiln_archive::digest_tar_gz(f, limits),
-            }
+            kiln_archive::digest_tar_gz(f, limits)
         })
         .await
-        .map_err(|e| KmodError::Join(e.to_string()));
-        let summary = match summary {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                discard(staging);
-                return Err(e.into());
-            }
-            Err(e) => {
-                discard(staging);
-                return Err(e);
-            }
-        };
+        .map_err(|e| KmodError::Join(e.to_string()))??;
         let key = self.key("tree-v1", &summary.digest, &kver, &src);
         if !force {
             if let Some(hit) = self.hit("tree", &kver, &key)? {
-                discard(staging);
                 self.db.put_alias(KIND, &alias, &key)?;
                 return Ok(hit);
             }
         }
-        // Hand the tree to whichever job builds this key: named by the key,
-        // in place before the job exists, so no worker can miss it.
-        if let Some(dir) = staging {
-            if std::fs::rename(&dir, self.staged(&key)).is_err() {
-                discard(Some(dir)); // already staged by another request
-            }
-        }
-        drop(claim);
         self.metrics.cache_misses.with_label_values(&[KIND]).inc();
         let (input, size) = upload.commit().await?;
         self.db.touch_blob(&input, size)?;
@@ -365,9 +267,6 @@ impl Kmod {
         };
         let params = serde_json::to_value(&params).map_err(|e| KmodError::Join(e.to_string()))?;
         let s = engine.submit(KIND, &key, &params, Some(&input), force)?;
-        if let Submitted::PreviouslyFailed(_) = s {
-            discard(Some(self.staged(&key)));
-        }
         tracing::info!(kernel_version = %kver, cache_key = %key, entries = summary.entries, bytes = summary.bytes, "cache miss");
         Ok(Outcome::Job(s))
     }
@@ -396,30 +295,23 @@ impl Kmod {
             .verify(&p.input)
             .map_err(|e| fail(format!("the uploaded headers are gone: {e}")))?;
         let root = ctx.workdir.join("headers");
-        // Headers the request already extracted (validated by the same code,
-        // named by this job's key) are taken over with one rename.
-        if std::fs::rename(self.staged(&p.cache_key), &root).is_ok() {
-            ctx.log
-                .info("using the headers extracted when the request arrived");
-        } else {
-            std::fs::create_dir_all(&root).map_err(|e| fail(format!("{}: {e}", root.display())))?;
-            let limits = self.cfg.limits;
-            let r2 = root.clone();
-            let summary = tokio::task::spawn_blocking(move || {
-                let f = std::fs::File::open(&input).map_err(|source| ArchiveError::Io {
-                    path: input,
-                    source,
-                })?;
-                kiln_archive::extract_tar_gz(f, &r2, limits)
-            })
-            .await
-            .map_err(|e| fail(e.to_string()))?
-            .map_err(|e| fail(format!("rejected headers archive: {e}")))?;
-            ctx.log.info(&format!(
-                "extracted {} entries, {} bytes",
-                summary.entries, summary.bytes
-            ));
-        }
+        std::fs::create_dir_all(&root).map_err(|e| fail(format!("{}: {e}", root.display())))?;
+        let limits = self.cfg.limits;
+        let r2 = root.clone();
+        let summary = tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(&input).map_err(|source| ArchiveError::Io {
+                path: input,
+                source,
+            })?;
+            kiln_archive::extract_tar_gz(f, &r2, limits)
+        })
+        .await
+        .map_err(|e| fail(e.to_string()))?
+        .map_err(|e| fail(format!("rejected headers archive: {e}")))?;
+        ctx.log.info(&format!(
+            "extracted {} entries, {} bytes",
+            summary.entries, summary.bytes
+        ));
 
         let tree = find_kernel_tree(&root, &p.kernel_version).map_err(|e| fail(e.to_string()))?;
         ctx.log.info(&format!(
@@ -565,10 +457,7 @@ impl JobKind for Kmod {
         let p: KmodParams = serde_json::from_value(params)
             .map_err(|e| JobError::Failed(format!("malformed job parameters: {e}")))?;
         tracing::info!(job_id = %ctx.id, kernel_version = %p.kernel_version, cache_key = %p.cache_key, "building kernel modules");
-        let r = self.build(ctx, &p).await;
-        // A tree staged for this key after the job took its own is no longer needed.
-        discard(Some(self.staged(&p.cache_key)));
-        let r = r?;
+        let r = self.build(ctx, &p).await?;
         serde_json::to_value(r).map_err(|e| JobError::Failed(e.to_string()))
     }
 }

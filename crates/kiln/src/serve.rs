@@ -100,7 +100,6 @@ pub async fn run(args: ServeArgs) -> Result<()> {
                 .map(|n| n.get())
                 .unwrap_or(2),
             cache_max_bytes: cfg.cache_max_bytes,
-            staging_dir: cfg.data_dir.join("staging"),
         },
         cas,
         db.clone(),
