@@ -39,6 +39,31 @@ impl ApiError {
     pub fn unavailable(m: impl Into<String>) -> ApiError {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
     }
+    pub fn unauthorized(m: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", m)
+    }
+    pub fn forbidden(m: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", m)
+    }
+    pub fn too_many(m: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", m)
+    }
+    pub fn payload_too_large(m: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", m)
+    }
+    /// A failure while reading a request body: a signed body that did not
+    /// match its digest is 401, anything else 400.
+    pub fn from_body(e: axum::Error) -> ApiError {
+        let inner = e.into_inner();
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(inner.as_ref());
+        while let Some(err) = cur {
+            if err.is::<crate::auth::BodyMismatch>() {
+                return ApiError::unauthorized(err.to_string());
+            }
+            cur = err.source();
+        }
+        ApiError::bad_request(format!("reading the request body: {inner}"))
+    }
     pub fn conflict(m: impl Into<String>) -> ApiError {
         Self::new(StatusCode::CONFLICT, "conflict", m)
     }
@@ -73,7 +98,14 @@ impl IntoResponse for ApiError {
                 obj.entry(k).or_insert(v);
             }
         }
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"kiln\", KILN-HMAC-SHA256"),
+            );
+        }
+        resp
     }
 }
 

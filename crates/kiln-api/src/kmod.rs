@@ -81,8 +81,7 @@ pub async fn build(
     // The first two bytes, to refuse a non-gzip body before storing it.
     let mut head: Vec<u8> = Vec::with_capacity(2);
     while let Some(chunk) = body.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::bad_request(format!("reading the request body: {e}")))?;
+        let chunk = chunk.map_err(ApiError::from_body)?;
         if head.len() < 2 {
             head.extend(chunk.iter().take(2 - head.len()));
             if head.len() == 2 && !kiln_archive::is_gzip(&head) {
@@ -122,6 +121,7 @@ pub async fn build(
         }
         Outcome::Job(Submitted::Created(j) | Submitted::Joined(j)) => Ok((
             StatusCode::ACCEPTED,
+            [("x-kiln-job-id", j.id.to_string())],
             Json(serde_json::json!({
                 "status": if j.status == JobStatus::Pending { "building" } else { j.status.as_str() },
                 "job_id": j.id,

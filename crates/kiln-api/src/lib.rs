@@ -3,11 +3,17 @@
 //! the DRBD build server's paths and shapes exactly; everything else
 //! (jobs, logs, cancel, health, metrics) is kiln's own.
 
+mod audit;
+mod auth;
 mod error;
 mod jobs;
 mod kmod;
+mod tls;
 
+pub use audit::Audit;
+pub use auth::{access, Access, Peer};
 pub use error::ApiError;
+pub use tls::{serve, Tls, TlsError, TlsSettings};
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -27,6 +33,10 @@ pub struct AppState {
     /// `--maxbytesbody`.
     pub max_body: u64,
     pub version: &'static str,
+    pub auth: Arc<kiln_auth::Authenticator>,
+    pub audit: Arc<Audit>,
+    /// `/metrics` needs the read scope (`--metrics-auth`).
+    pub metrics_auth: bool,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -38,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/status/{job_id}", get(jobs::status))
         .route("/api/v1/download/{job_id}", get(kmod::download))
         .route("/api/v1/hello", get(hello))
+        .route("/api/v1/whoami", get(whoami))
         .route("/api/v1/signing-cert", get(kmod::signing_cert))
         .route("/api/v1/jobs", get(jobs::list))
         .route(
@@ -46,18 +57,74 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/jobs/{job_id}/logs", get(jobs::logs))
         .route("/api/v1/cancel/{job_id}", delete(jobs::cancel))
+        .route("/api/v1/cache", get(cache_usage).delete(cache_purge))
         .route("/health", get(health))
         .route("/healthz", get(health))
         .route("/livez", get(health))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::middleware,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
 
 async fn hello(State(s): State<AppState>) -> Json<serde_json::Value> {
     Json(serde_json::json!({"message": "hello from kiln", "version": s.version}))
+}
+
+async fn cache_usage(State(s): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let (blobs, bytes) = s.engine.db().cache_usage()?;
+    Ok(Json(serde_json::json!({
+        "blobs": blobs,
+        "bytes": bytes,
+        "max_bytes": s.kmod.config().cache_max_bytes,
+    })))
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct PurgeQuery {
+    keep_bytes: Option<u64>,
+}
+
+/// `DELETE /api/v1/cache[?keep_bytes=N]` (admin): evict least recently used
+/// blobs down to N bytes (default 0), sparing inputs of unfinished jobs.
+async fn cache_purge(
+    State(s): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<PurgeQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let kmod = s.kmod.clone();
+    let keep = q.keep_bytes.unwrap_or(0);
+    let (evicted, freed) = tokio::task::spawn_blocking(move || kmod.evict_to(keep))
+        .await
+        .map_err(ApiError::internal)??;
+    let (blobs, bytes) = s.engine.db().cache_usage()?;
+    Ok(Json(serde_json::json!({
+        "evicted": evicted,
+        "freed_bytes": freed,
+        "blobs": blobs,
+        "bytes": bytes,
+    })))
+}
+
+/// `GET /api/v1/whoami`: who the server takes the caller for, and what it
+/// may do; clients check it before a long upload.
+async fn whoami(
+    axum::Extension(id): axum::Extension<kiln_auth::Identity>,
+) -> Json<serde_json::Value> {
+    let scopes: Vec<&str> = [
+        kiln_auth::Scope::Read,
+        kiln_auth::Scope::Write,
+        kiln_auth::Scope::Admin,
+    ]
+    .into_iter()
+    .filter(|s| id.scopes.contains(*s))
+    .map(kiln_auth::Scope::as_str)
+    .collect();
+    Json(serde_json::json!({"identity": id.name, "auth": id.method.as_str(), "scopes": scopes}))
 }
 
 async fn health() -> Json<serde_json::Value> {

@@ -273,18 +273,24 @@ impl Kmod {
 
     /// Evict least-recently-used blobs beyond the cap.
     pub fn enforce_cache_cap(&self) {
-        match self.db.evict_to(self.cfg.cache_max_bytes) {
-            Ok(victims) => {
-                for d in victims {
-                    tracing::info!(digest = %d, "evicted from cache (LRU)");
-                    let _ = self.cas.remove(&d);
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cache eviction"),
+        if let Err(e) = self.evict_to(self.cfg.cache_max_bytes) {
+            tracing::warn!(error = %e, "cache eviction");
         }
-        if let Ok((_, bytes)) = self.db.cache_usage() {
-            self.metrics.cache_bytes.set(bytes as i64);
+    }
+
+    /// Evict least recently used blobs until the cache holds at most `cap`
+    /// bytes, sparing pending and running jobs' inputs. Returns the number of
+    /// blobs evicted and the bytes freed.
+    pub fn evict_to(&self, cap: u64) -> Result<(usize, u64), kiln_store::StoreError> {
+        let (_, before) = self.db.cache_usage()?;
+        let victims = self.db.evict_to(cap)?;
+        for d in &victims {
+            tracing::info!(digest = %d, "evicted from cache (LRU)");
+            let _ = self.cas.remove(d);
         }
+        let (_, after) = self.db.cache_usage()?;
+        self.metrics.cache_bytes.set(after as i64);
+        Ok((victims.len(), before.saturating_sub(after)))
     }
 
     async fn build(&self, ctx: &JobContext, p: &KmodParams) -> Result<KmodResult, JobError> {

@@ -10,17 +10,167 @@ use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::io::AsyncWriteExt;
 
-use crate::config::{KmodBuildArgs, LogsArgs, StatusArgs};
+use crate::config::{ClientArgs, KmodBuildArgs, LogsArgs, StatusArgs};
 
-fn http() -> Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .context("building the HTTP client")
+/// A kiln server as the CLI sees it: base URL, TLS trust and client
+/// certificate, and the credential every request carries (a bearer token,
+/// or a KILN-HMAC-SHA256 signature when a token name is given).
+struct Api {
+    http: reqwest::Client,
+    base: reqwest::Url,
+    auth: Credential,
 }
 
-fn url(server: &str, path: &str) -> String {
-    format!("{}{}", server.trim_end_matches('/'), path)
+enum Credential {
+    None,
+    Bearer(String),
+    Hmac { name: String, secret: String },
+}
+
+impl Api {
+    fn new(a: &ClientArgs) -> Result<Api> {
+        let base = reqwest::Url::parse(&a.server)
+            .with_context(|| format!("invalid --server {:?}", a.server))?;
+        let mut b = reqwest::Client::builder()
+            .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
+            .use_rustls_tls();
+        if let Some(ca) = &a.cacert {
+            let pem =
+                std::fs::read(ca).with_context(|| format!("reading --cacert {}", ca.display()))?;
+            for c in reqwest::Certificate::from_pem_bundle(&pem)
+                .with_context(|| format!("parsing --cacert {}", ca.display()))?
+            {
+                b = b.add_root_certificate(c);
+            }
+        }
+        match (&a.cert, &a.key) {
+            (Some(c), Some(k)) => {
+                let mut pem =
+                    std::fs::read(c).with_context(|| format!("reading --cert {}", c.display()))?;
+                pem.extend(
+                    std::fs::read(k).with_context(|| format!("reading --key {}", k.display()))?,
+                );
+                b = b.identity(
+                    reqwest::Identity::from_pem(&pem)
+                        .context("loading the client certificate and key")?,
+                );
+            }
+            (None, None) => {}
+            _ => bail!("--cert and --key go together"),
+        }
+        let auth = match (&a.token_name, &a.token) {
+            (Some(name), Some(secret)) => Credential::Hmac {
+                name: name.clone(),
+                secret: secret.clone(),
+            },
+            (None, Some(t)) => Credential::Bearer(t.clone()),
+            (Some(_), None) => bail!("--token-name needs --token (the secret to sign with)"),
+            (None, None) => Credential::None,
+        };
+        Ok(Api {
+            http: b.build().context("building the HTTP client")?,
+            base,
+            auth,
+        })
+    }
+
+    fn server(&self) -> &str {
+        self.base.as_str()
+    }
+
+    /// A request for `path?query`, signed over exactly the path and query
+    /// that go on the wire. `body_sha256` is the body's hex digest (None: empty).
+    fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body_sha256: Option<String>,
+    ) -> Result<reqwest::RequestBuilder> {
+        let mut url = self.base.join(path).context("building the request URL")?;
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
+        }
+        let pq = match url.query() {
+            Some(q) => format!("{}?{q}", url.path()),
+            None => url.path().to_string(),
+        };
+        let mut rb = self.http.request(method.clone(), url);
+        match &self.auth {
+            Credential::None => {}
+            Credential::Bearer(t) => rb = rb.bearer_auth(t),
+            Credential::Hmac { name, secret } => {
+                let body = body_sha256.unwrap_or_else(|| kiln_auth::body_sha256_hex(b""));
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0);
+                let nonce = uuid::Uuid::new_v4().simple().to_string();
+                let h = kiln_auth::sign(
+                    name,
+                    secret.as_bytes(),
+                    now,
+                    &nonce,
+                    method.as_str(),
+                    &pq,
+                    &body,
+                );
+                rb = rb
+                    .header(reqwest::header::AUTHORIZATION, h)
+                    .header(kiln_auth::BODY_HEADER, body);
+            }
+        }
+        Ok(rb)
+    }
+
+    fn get(&self, path: &str, query: &[(&str, &str)]) -> Result<reqwest::RequestBuilder> {
+        self.request(reqwest::Method::GET, path, query, None)
+    }
+
+    /// Fail fast, before a long upload, when the server would refuse us or
+    /// we lack `scope`. Servers without `/api/v1/whoami` are not asked.
+    async fn check_scope(&self, scope: &str) -> Result<()> {
+        let resp = self
+            .get("/api/v1/whoami", &[])?
+            .send()
+            .await
+            .with_context(|| format!("connecting to {}", self.server()))?;
+        match resp.status().as_u16() {
+            200 => {
+                let v: serde_json::Value = resp.json().await?;
+                let has = v["scopes"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|s| s == scope));
+                if !has {
+                    bail!(
+                        "the server knows you as {} ({}), which lacks the {scope} scope",
+                        v["identity"],
+                        v["auth"]
+                    );
+                }
+                Ok(())
+            }
+            404 => Ok(()),
+            _ => Err(server_error(resp).await),
+        }
+    }
+
+    fn signs(&self) -> bool {
+        matches!(self.auth, Credential::Hmac { .. })
+    }
+}
+
+/// The SHA-256 of a file, for signing an upload before it streams.
+async fn file_sha256(path: &Path) -> Result<String> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || -> Result<String> {
+        use sha2::Digest as _;
+        let mut f = std::fs::File::open(&path)?;
+        let mut h = sha2::Sha256::new();
+        std::io::copy(&mut f, &mut h)?;
+        Ok(hex::encode(h.finalize()))
+    })
+    .await?
 }
 
 /// The server's error message from a JSON error body, or the raw text.
@@ -109,6 +259,8 @@ pub async fn kmod_build(a: KmodBuildArgs) -> Result<()> {
         .headers
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("/lib/modules/{kver}/build")));
+    let api = Api::new(&a.client)?;
+    api.check_scope("write").await?;
     let tmpdir = tempfile_dir()?;
     let tarball = if headers.is_dir() {
         let t = tmpdir.join("headers.tar.gz");
@@ -123,7 +275,11 @@ pub async fn kmod_build(a: KmodBuildArgs) -> Result<()> {
         );
     };
     let size = std::fs::metadata(&tarball)?.len();
-    let client = http()?;
+    let body_sha = if api.signs() {
+        Some(file_sha256(&tarball).await?)
+    } else {
+        None
+    };
 
     let pb = ProgressBar::new(size).with_style(
         ProgressStyle::with_template("uploading {bar:30} {bytes}/{total_bytes} {bytes_per_sec}")
@@ -136,19 +292,18 @@ pub async fn kmod_build(a: KmodBuildArgs) -> Result<()> {
             pb2.inc(c.len() as u64)
         }
     });
-    let mut q = vec![("kernel_version", kver.clone())];
+    let mut q = vec![("kernel_version", kver.as_str())];
     if a.force {
-        q.push(("force", "true".into()));
+        q.push(("force", "true"));
     }
-    let resp = client
-        .post(url(&a.client.server, "/api/v1/build"))
-        .query(&q)
+    let resp = api
+        .request(reqwest::Method::POST, "/api/v1/build", &q, body_sha)?
         .header("content-type", "application/gzip")
         .header("content-length", size)
         .body(reqwest::Body::wrap_stream(stream))
         .send()
         .await
-        .with_context(|| format!("uploading headers to {}", a.client.server))?;
+        .with_context(|| format!("uploading headers to {}", api.server()))?;
     pb.finish_and_clear();
     let _ = std::fs::remove_dir_all(&tmpdir);
     let out = a
@@ -166,9 +321,9 @@ pub async fn kmod_build(a: KmodBuildArgs) -> Result<()> {
                 .context("no job_id in the answer")?
                 .to_string();
             eprintln!("job {id}");
-            wait(&client, &a.client.server, &id).await?;
-            let resp = client
-                .get(url(&a.client.server, &format!("/api/v1/download/{id}")))
+            wait(&api, &id).await?;
+            let resp = api
+                .get(&format!("/api/v1/download/{id}"), &[])?
                 .send()
                 .await?;
             if !resp.status().is_success() {
@@ -188,18 +343,17 @@ fn tempfile_dir() -> Result<PathBuf> {
     Ok(d)
 }
 
-async fn wait(client: &reqwest::Client, server: &str, id: &str) -> Result<()> {
+async fn wait(api: &Api, id: &str) -> Result<()> {
     let pb = ProgressBar::new(100).with_style(
         ProgressStyle::with_template("building  {bar:30} {pos}% {msg} [{elapsed}]")
             .expect("template"),
     );
     loop {
-        let resp = client
-            .get(url(server, &format!("/api/v1/status/{id}")))
+        let resp = api
+            .get(&format!("/api/v1/status/{id}"), &[])?
             .send()
             .await?;
-        let code = resp.status().as_u16();
-        if code == 404 {
+        if !matches!(resp.status().as_u16(), 200 | 202) {
             return Err(server_error(resp).await);
         }
         let v: serde_json::Value = resp.json().await?;
@@ -239,14 +393,11 @@ async fn save(resp: reqwest::Response, out: &Path) -> Result<()> {
 }
 
 pub async fn status(a: StatusArgs) -> Result<()> {
-    let resp = http()?
-        .get(url(
-            &a.client.server,
-            &format!("/api/v1/status/{}", a.job_id),
-        ))
+    let resp = Api::new(&a.client)?
+        .get(&format!("/api/v1/status/{}", a.job_id), &[])?
         .send()
         .await?;
-    if resp.status().as_u16() == 404 {
+    if !matches!(resp.status().as_u16(), 200 | 202) {
         return Err(server_error(resp).await);
     }
     let v: serde_json::Value = resp.json().await?;
@@ -255,11 +406,11 @@ pub async fn status(a: StatusArgs) -> Result<()> {
 }
 
 pub async fn logs(a: LogsArgs) -> Result<()> {
-    let mut u = url(&a.client.server, &format!("/api/v1/jobs/{}/logs", a.job_id));
-    if a.follow {
-        u.push_str("?follow=true");
-    }
-    let resp = http()?.get(u).send().await?;
+    let q: &[(&str, &str)] = if a.follow { &[("follow", "true")] } else { &[] };
+    let resp = Api::new(&a.client)?
+        .get(&format!("/api/v1/jobs/{}/logs", a.job_id), q)?
+        .send()
+        .await?;
     if !resp.status().is_success() {
         return Err(server_error(resp).await);
     }

@@ -112,6 +112,54 @@ pub struct ServeArgs {
     /// X.509 certificate for module signing (PEM or DER).
     #[arg(long = "sign-cert", env = "KILN_SIGN_CERT")]
     pub sign_cert: Option<PathBuf>,
+    /// CA bundle (PEM) that client certificates are verified against; the
+    /// certificate's CN (or first SAN) becomes the caller's identity. Needs TLS.
+    #[arg(long = "client-ca-cert", env = "CLIENT_CA_CERT")]
+    pub client_ca_cert: Option<PathBuf>,
+    /// `required`: only client certificates are accepted; `optional`:
+    /// certificates or tokens. [default: required with a CA and no token file, else optional]
+    #[arg(long = "client-auth", env = "KILN_CLIENT_AUTH")]
+    pub client_auth: Option<String>,
+    /// API tokens, one `name:token` or `name:sha256:<hex>` a line, optionally
+    /// followed by scopes (`read,write,admin`).
+    #[arg(long = "api-tokens-file", env = "API_TOKENS_FILE")]
+    pub api_tokens_file: Option<PathBuf>,
+    /// Scopes for an identity (token name or certificate subject):
+    /// `NAME=read,write,admin`. Repeatable; `;` separates them in the env.
+    #[arg(long = "grant", env = "KILN_GRANT", value_delimiter = ';')]
+    pub grant: Option<Vec<String>>,
+    /// Scopes of identities with no grant and no scopes in the token file. [default: read,write]
+    #[arg(long = "default-scopes", env = "KILN_DEFAULT_SCOPES")]
+    pub default_scopes: Option<String>,
+    /// Refuse to start unless tokens or client certificates are configured.
+    #[arg(long = "require-auth", env = "KILN_REQUIRE_AUTH", num_args = 0..=1, default_missing_value = "true")]
+    pub require_auth: Option<bool>,
+    /// Require the read scope for /metrics (open by default).
+    #[arg(long = "metrics-auth", env = "KILN_METRICS_AUTH", num_args = 0..=1, default_missing_value = "true")]
+    pub metrics_auth: Option<bool>,
+    /// Allowed clock skew of signed requests, in seconds. [default: 300]
+    #[arg(long = "hmac-skew", env = "KILN_HMAC_SKEW")]
+    pub hmac_skew: Option<u64>,
+    /// How often to check the TLS files for changes, in seconds; 0 turns the
+    /// check off (SIGHUP still reloads). [default: 10]
+    #[arg(long = "tls-watch-interval", env = "KILN_TLS_WATCH_INTERVAL")]
+    pub tls_watch_interval: Option<u64>,
+    /// Audit log of mutating requests (JSON lines). [default: DATA_DIR/audit.log]
+    #[arg(long = "audit-log", env = "KILN_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+}
+
+/// Who may call kiln, as configured.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    pub tokens_file: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
+    pub certs_only: bool,
+    pub grants: std::collections::HashMap<String, kiln_auth::Scopes>,
+    pub default_scopes: kiln_auth::Scopes,
+    pub skew_secs: i64,
+    pub require_auth: bool,
+    pub metrics_auth: bool,
 }
 
 /// The validated daemon configuration.
@@ -134,6 +182,9 @@ pub struct ServeConfig {
     pub max_extract_bytes: u64,
     pub max_extract_entries: u64,
     pub signing: Option<(PathBuf, PathBuf)>,
+    pub auth: AuthSettings,
+    pub tls_watch: Option<Duration>,
+    pub audit_log: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -230,7 +281,59 @@ impl ServeArgs {
         if max_body == 0 {
             bail!("--maxbytesbody must be positive");
         }
+        let auth = {
+            let client_ca = self.client_ca_cert.or(file.client_ca_cert);
+            let tokens_file = self.api_tokens_file.or(file.api_tokens_file);
+            if client_ca.is_some() && tls.is_none() {
+                bail!("--client-ca-cert (CLIENT_CA_CERT) needs TLS: client certificates are only seen over HTTPS; add --certfile and --keyfile");
+            }
+            let certs_only = match self.client_auth.or(file.client_auth).as_deref() {
+                None => client_ca.is_some() && tokens_file.is_none(),
+                Some("required") if client_ca.is_some() => true,
+                Some("required") => bail!("--client-auth required needs --client-ca-cert"),
+                Some("optional") => false,
+                Some(o) => bail!("invalid --client-auth {o:?}: required or optional"),
+            };
+            let mut grants = std::collections::HashMap::new();
+            for g in self.grant.or(file.grant).unwrap_or_default() {
+                let (name, scopes) = kiln_auth::parse_grant(g.trim()).context("--grant")?;
+                grants.insert(name, scopes);
+            }
+            let default_scopes = match self.default_scopes.or(file.default_scopes) {
+                Some(s) => s.parse().context("--default-scopes")?,
+                None => kiln_auth::Scopes::READ_WRITE,
+            };
+            let skew = self.hmac_skew.or(file.hmac_skew).unwrap_or(300);
+            if skew == 0 || skew > 86_400 {
+                bail!("--hmac-skew must be between 1 and 86400 seconds");
+            }
+            AuthSettings {
+                tokens_file,
+                client_ca,
+                certs_only,
+                grants,
+                default_scopes,
+                skew_secs: skew as i64,
+                require_auth: self.require_auth.or(file.require_auth).unwrap_or(false),
+                metrics_auth: self.metrics_auth.or(file.metrics_auth).unwrap_or(false),
+            }
+        };
+        let tls_watch = match self
+            .tls_watch_interval
+            .or(file.tls_watch_interval)
+            .unwrap_or(10)
+        {
+            0 => None,
+            n => Some(Duration::from_secs(n)),
+        };
+        let audit_log = self
+            .audit_log
+            .or(file.audit_log)
+            .unwrap_or_else(|| data_dir.join("audit.log"));
         Ok(ServeConfig {
+            auth,
+            tls_watch,
+            audit_log,
             addr,
             source,
             cache_dir,
@@ -271,6 +374,23 @@ pub struct ClientArgs {
     /// kiln server URL.
     #[arg(long, env = "KILN_SERVER", default_value = "http://127.0.0.1:2021")]
     pub server: String,
+    /// API token. Sent as a bearer token, or used to sign requests
+    /// (KILN-HMAC-SHA256) when --token-name is given.
+    #[arg(long, env = "KILN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The token's name in the server's token file: sign every request
+    /// instead of sending the token.
+    #[arg(long = "token-name", env = "KILN_TOKEN_NAME")]
+    pub token_name: Option<String>,
+    /// CA certificate(s) (PEM) to trust for the server, besides the system's.
+    #[arg(long, env = "KILN_CACERT")]
+    pub cacert: Option<PathBuf>,
+    /// Client certificate (PEM), for servers that verify client certificates.
+    #[arg(long, env = "KILN_CLIENT_CERT")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "KILN_CLIENT_KEY")]
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

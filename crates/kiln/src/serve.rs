@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use kiln_engine::{Engine, EngineConfig, Metrics};
 use kiln_kmod::{Kmod, KmodConfig, ModuleSource, Sandbox, Signing};
 use kiln_store::{Cas, Db};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ensure_dir, ServeArgs, SourceChoice};
+use crate::config::{ensure_dir, AuthSettings, ServeArgs, SourceChoice};
 
 fn init_logging(level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
@@ -45,6 +45,28 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         )
     })?;
 
+    // Credentials and certificates first: a bad one stops the start before
+    // any job runs.
+    let auth = Arc::new(authenticator(&cfg.auth)?);
+    let audit = Arc::new(
+        kiln_api::Audit::open(&cfg.audit_log)
+            .with_context(|| format!("opening the audit log {}", cfg.audit_log.display()))?,
+    );
+    let tls = match &cfg.tls {
+        Some((cert, key)) => {
+            let tls = kiln_api::Tls::load(kiln_api::TlsSettings {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: cfg.auth.client_ca.clone(),
+            })
+            .context("loading TLS (--certfile, --keyfile, --client-ca-cert)")?;
+            if let Some(every) = cfg.tls_watch {
+                tls.watch(every);
+            }
+            Some(tls)
+        }
+        None => None,
+    };
     let db = Arc::new(Db::open(&cfg.data_dir.join("kiln.db")).context("opening the job database")?);
     let cas = Cas::open(&cfg.cache_dir).context("opening the cache")?;
     let metrics = Arc::new(Metrics::new());
@@ -132,11 +154,31 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         });
     }
 
+    {
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                match &tls {
+                    Some(t) => {
+                        let _ = t.reload("SIGHUP");
+                    }
+                    None => tracing::info!("SIGHUP: no TLS configured, nothing to reload"),
+                }
+            }
+        });
+    }
     let app = kiln_api::router(kiln_api::AppState {
         engine: engine.clone(),
         kmod,
         max_body: cfg.max_body,
         version: env!("CARGO_PKG_VERSION"),
+        auth,
+        audit,
+        metrics_auth: cfg.auth.metrics_auth,
     });
     let handle = axum_server::Handle::new();
     {
@@ -157,37 +199,63 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         version = env!("CARGO_PKG_VERSION"),
         "kiln listening"
     );
-    let svc = app.into_make_service();
-    match &cfg.tls {
-        Some((cert, key)) => {
-            let _ = rustls_provider();
-            let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
-                .await
-                .with_context(|| {
-                    format!(
-                        "loading TLS certificate {} and key {}",
-                        cert.display(),
-                        key.display()
-                    )
-                })?;
-            axum_server::bind_rustls(cfg.addr, tls)
-                .handle(handle)
-                .serve(svc)
-                .await
-        }
-        None => axum_server::bind(cfg.addr).handle(handle).serve(svc).await,
-    }
-    .with_context(|| format!("serving on {}", cfg.addr))?;
+    kiln_api::serve(app, cfg.addr, tls, handle)
+        .await
+        .with_context(|| format!("serving on {}", cfg.addr))?;
     shutdown.cancel();
     while workers.join_next().await.is_some() {}
     drop(lock);
     Ok(())
 }
 
-fn rustls_provider() -> bool {
-    rustls::crypto::ring::default_provider()
-        .install_default()
-        .is_ok()
+/// Load the token file and build the authenticator; refuse to start on an
+/// unreadable file, or with no auth at all under `--require-auth`.
+fn authenticator(a: &AuthSettings) -> Result<kiln_auth::Authenticator> {
+    let tokens = match &a.tokens_file {
+        Some(p) => {
+            let t = kiln_auth::Tokens::load(p).context("--api-tokens-file (API_TOKENS_FILE)")?;
+            if t.is_empty() {
+                bail!("the API token file {} lists no tokens; refusing to start with an empty allow-list", p.display());
+            }
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(m) = std::fs::metadata(p) {
+                if m.permissions().mode() & 0o077 != 0 {
+                    tracing::warn!(path = %p.display(), mode = format!("{:o}", m.permissions().mode() & 0o777), "the API token file is readable by other users; chmod 600 it");
+                }
+            }
+            let hashed = t
+                .entries()
+                .iter()
+                .filter(|e| matches!(e.secret, kiln_auth::Secret::Hashed))
+                .count();
+            tracing::info!(path = %p.display(), tokens = t.len(), hashed, "API tokens loaded (hashed entries take bearer tokens only, not signatures)");
+            Some(t)
+        }
+        None => None,
+    };
+    let cfg = kiln_auth::AuthConfig {
+        tokens,
+        client_certs: a.client_ca.is_some(),
+        certs_only: a.certs_only,
+        grants: a.grants.clone(),
+        default_scopes: a.default_scopes,
+        skew_secs: a.skew_secs,
+    };
+    if !cfg.enabled() {
+        if a.require_auth {
+            bail!("--require-auth is set but no authentication is configured: give --api-tokens-file (API_TOKENS_FILE) or --client-ca-cert (CLIENT_CA_CERT)");
+        }
+        tracing::warn!("NO AUTHENTICATION CONFIGURED: anyone who can reach this port can build, cancel and purge. Set API_TOKENS_FILE or CLIENT_CA_CERT (and --require-auth) in production");
+    } else {
+        tracing::info!(
+            tokens = cfg.tokens.as_ref().map_or(0, |t| t.len()),
+            client_certs = cfg.client_certs,
+            certs_only = cfg.certs_only,
+            metrics_auth = a.metrics_auth,
+            "authentication enabled"
+        );
+    }
+    Ok(kiln_auth::Authenticator::new(cfg))
 }
 
 async fn wait_for_signal() {
