@@ -58,9 +58,10 @@ pub fn access(method: &Method, route: Option<&str>, metrics_auth: bool) -> Acces
             | "/api/v1/jobs"
             | "/api/v1/jobs/{job_id}"
             | "/api/v1/jobs/{job_id}/logs"
-            | "/api/v1/cache",
+            | "/api/v1/cache"
+            | "/api/v1/dkms/{job_id}/deb",
         ) => Need(Scope::Read),
-        ("POST", "/api/v1/build")
+        ("POST", "/api/v1/build" | "/api/v1/dkms")
         | ("DELETE", "/api/v1/jobs/{job_id}" | "/api/v1/cancel/{job_id}") => Need(Scope::Write),
         _ => Need(Scope::Admin),
     }

@@ -105,7 +105,12 @@ pub fn job_json(s: &AppState, j: &JobRow) -> serde_json::Value {
             }
             o.insert(
                 "download_url".into(),
-                format!("/api/v1/download/{}", j.id).into(),
+                if j.kind == kiln_dkms::KIND {
+                    format!("/api/v1/dkms/{}/deb", j.id)
+                } else {
+                    format!("/api/v1/download/{}", j.id)
+                }
+                .into(),
             );
             o.insert("result".into(), r.clone());
         }

@@ -25,7 +25,7 @@ fn truthy(v: &Option<String>) -> bool {
     matches!(v.as_deref(), Some("" | "1" | "true" | "yes"))
 }
 
-async fn gzip_file(
+pub(crate) async fn gzip_file(
     path: &std::path::Path,
     extra: &[(&'static str, String)],
 ) -> Result<Response, ApiError> {

@@ -5,6 +5,7 @@
 
 mod audit;
 mod auth;
+mod dkms;
 mod error;
 mod jobs;
 mod kmod;
@@ -30,6 +31,7 @@ use kiln_kmod::Kmod;
 pub struct AppState {
     pub engine: Arc<Engine>,
     pub kmod: Arc<Kmod>,
+    pub dkms: Arc<kiln_dkms::DkmsJobs>,
     /// `--maxbytesbody`.
     pub max_body: u64,
     pub version: &'static str,
@@ -45,6 +47,11 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/build",
             post(kmod::build).layer(DefaultBodyLimit::disable()),
         )
+        .route(
+            "/api/v1/dkms",
+            post(dkms::submit).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/api/v1/dkms/{job_id}/deb", get(dkms::download))
         .route("/api/v1/status/{job_id}", get(jobs::status))
         .route("/api/v1/download/{job_id}", get(kmod::download))
         .route("/api/v1/hello", get(hello))

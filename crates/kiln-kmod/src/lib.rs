@@ -13,7 +13,7 @@ mod tree;
 
 pub use sandbox::Sandbox;
 pub use source::{ModuleSource, SourceError};
-pub use tree::{find_kernel_tree, rewrite_absolute_includes, TreeError};
+pub use tree::{find_kernel_tree, rewrite_absolute_includes, sig_hash, TreeError};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -54,6 +54,20 @@ impl Sandbox {
 
     /// Wrap `cmd` to run in `cwd` inside the sandbox, writable only in `work`.
     pub fn wrap(self, cmd: Cmd, work: &Path, cwd: &Path, network: bool) -> Cmd {
+        self.wrap_with(cmd, work, cwd, network, &[])
+    }
+
+    /// [`wrap`](Self::wrap), with host directories that stay visible
+    /// (read-only) even where the sandbox hides them, for builds against
+    /// headers installed on the host (dkms2bin).
+    pub fn wrap_with(
+        self,
+        cmd: Cmd,
+        work: &Path,
+        cwd: &Path,
+        network: bool,
+        visible: &[std::path::PathBuf],
+    ) -> Cmd {
         let mut w: Vec<OsString> = Vec::new();
         match self {
             Sandbox::Bwrap => {
@@ -76,6 +90,9 @@ impl Sandbox {
                     if Path::new(hidden).is_dir() {
                         w.extend(["--tmpfs", hidden].map(OsString::from));
                     }
+                }
+                for v in visible.iter().filter(|v| v.is_dir()) {
+                    w.extend(["--ro-bind".into(), v.into(), v.into()]);
                 }
                 w.extend(["--bind".into(), work.into(), work.into()]);
                 if !network {

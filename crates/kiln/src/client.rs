@@ -15,7 +15,7 @@ use crate::config::{ClientArgs, KmodBuildArgs, LogsArgs, StatusArgs};
 /// A kiln server as the CLI sees it: base URL, TLS trust and client
 /// certificate, and the credential every request carries (a bearer token,
 /// or a KILN-HMAC-SHA256 signature when a token name is given).
-struct Api {
+pub(crate) struct Api {
     http: reqwest::Client,
     base: reqwest::Url,
     auth: Credential,
@@ -28,9 +28,10 @@ enum Credential {
 }
 
 impl Api {
-    fn new(a: &ClientArgs) -> Result<Api> {
-        let base = reqwest::Url::parse(&a.server)
-            .with_context(|| format!("invalid --server {:?}", a.server))?;
+    pub(crate) fn new(a: &ClientArgs) -> Result<Api> {
+        let server = a.server.as_deref().unwrap_or("http://127.0.0.1:2021");
+        let base =
+            reqwest::Url::parse(server).with_context(|| format!("invalid --server {server:?}"))?;
         let mut b = reqwest::Client::builder()
             .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
             .use_rustls_tls();
@@ -74,13 +75,13 @@ impl Api {
         })
     }
 
-    fn server(&self) -> &str {
+    pub(crate) fn server(&self) -> &str {
         self.base.as_str()
     }
 
     /// A request for `path?query`, signed over exactly the path and query
     /// that go on the wire. `body_sha256` is the body's hex digest (None: empty).
-    fn request(
+    pub(crate) fn request(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -123,13 +124,17 @@ impl Api {
         Ok(rb)
     }
 
-    fn get(&self, path: &str, query: &[(&str, &str)]) -> Result<reqwest::RequestBuilder> {
+    pub(crate) fn get(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<reqwest::RequestBuilder> {
         self.request(reqwest::Method::GET, path, query, None)
     }
 
     /// Fail fast, before a long upload, when the server would refuse us or
     /// we lack `scope`. Servers without `/api/v1/whoami` are not asked.
-    async fn check_scope(&self, scope: &str) -> Result<()> {
+    pub(crate) async fn check_scope(&self, scope: &str) -> Result<()> {
         let resp = self
             .get("/api/v1/whoami", &[])?
             .send()
@@ -155,13 +160,13 @@ impl Api {
         }
     }
 
-    fn signs(&self) -> bool {
+    pub(crate) fn signs(&self) -> bool {
         matches!(self.auth, Credential::Hmac { .. })
     }
 }
 
 /// The SHA-256 of a file, for signing an upload before it streams.
-async fn file_sha256(path: &Path) -> Result<String> {
+pub(crate) async fn file_sha256(path: &Path) -> Result<String> {
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || -> Result<String> {
         use sha2::Digest as _;
@@ -174,7 +179,7 @@ async fn file_sha256(path: &Path) -> Result<String> {
 }
 
 /// The server's error message from a JSON error body, or the raw text.
-async fn server_error(resp: reqwest::Response) -> anyhow::Error {
+pub(crate) async fn server_error(resp: reqwest::Response) -> anyhow::Error {
     let code = resp.status();
     let text = resp.text().await.unwrap_or_default();
     let msg = serde_json::from_str::<serde_json::Value>(&text)
@@ -212,7 +217,7 @@ fn tree_roots(tree: &Path) -> Result<Vec<PathBuf>> {
     Ok(roots)
 }
 
-async fn pack_headers(headers: &Path, kver: &str, out: &Path) -> Result<()> {
+pub(crate) async fn pack_headers(headers: &Path, kver: &str, out: &Path) -> Result<()> {
     let roots = tree_roots(headers)?;
     // Name the tree the way the server looks for it first.
     let links = vec![(
@@ -378,7 +383,7 @@ async fn wait(api: &Api, id: &str) -> Result<()> {
     }
 }
 
-async fn save(resp: reqwest::Response, out: &Path) -> Result<()> {
+pub(crate) async fn save(resp: reqwest::Response, out: &Path) -> Result<()> {
     let tmp = out.with_extension("part");
     let mut f = tokio::fs::File::create(&tmp)
         .await

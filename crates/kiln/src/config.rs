@@ -32,6 +32,54 @@ pub enum Command {
     Status(StatusArgs),
     /// Print a job's log; -f follows it while the job runs.
     Logs(LogsArgs),
+    /// Rebuild DKMS packages into binary kernel-module .deb packages and an apt repository.
+    Dkms2bin(Dkms2binArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct Dkms2binArgs {
+    /// With --server (or KILN_SERVER), build on a kiln server instead of locally.
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// DKMS packages: Debian package names, *-dkms .deb files, or source
+    /// directories with dkms.conf. Repeatable, and takes several values.
+    #[arg(long, num_args = 1.., required = true, action = clap::ArgAction::Append)]
+    pub dkms: Vec<String>,
+    /// Where the .deb files and the apt index (Packages, Release) go.
+    #[arg(long = "out-dir", required = true)]
+    pub out_dir: PathBuf,
+    /// Kernel versions to build for (repeatable). [default: the running kernel]
+    #[arg(long)]
+    pub kver: Vec<String>,
+    /// Kernel headers: a build tree directory or a tar.gz. [default: the
+    /// host's /usr/src/linux-headers-KVER or /lib/modules/KVER/build, else
+    /// Debian's linux-headers-KVER packages, unpacked in the work root]
+    #[arg(long)]
+    pub headers: Option<PathBuf>,
+    /// Keep the work root for debugging and print its path.
+    #[arg(long = "do-not-remove")]
+    pub do_not_remove: bool,
+    /// Builds run at once. [default: number of cores]
+    #[arg(short = 'j', long = "jobs")]
+    pub jobs: Option<usize>,
+    /// Sign modules with this key (with --sign-cert), using the tree's scripts/sign-file.
+    #[arg(long = "sign-key", requires = "sign_cert")]
+    pub sign_key: Option<PathBuf>,
+    #[arg(long = "sign-cert", requires = "sign_key")]
+    pub sign_cert: Option<PathBuf>,
+    /// Maintainer field of the packages.
+    #[arg(
+        long,
+        env = "KILN_DKMS_MAINTAINER",
+        default_value = "kiln dkms2bin <dkms2bin@example.com>"
+    )]
+    pub maintainer: String,
+    /// Parent of the work root. [default: /var/tmp]
+    #[arg(long = "work-dir", default_value = "/var/tmp")]
+    pub work_dir: PathBuf,
+    /// Per-build timeout in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -371,9 +419,9 @@ impl ServeArgs {
 
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// kiln server URL.
-    #[arg(long, env = "KILN_SERVER", default_value = "http://127.0.0.1:2021")]
-    pub server: String,
+    /// kiln server URL. [default: http://127.0.0.1:2021; for dkms2bin: build locally]
+    #[arg(long, env = "KILN_SERVER")]
+    pub server: Option<String>,
     /// API token. Sent as a bearer token, or used to sign requests
     /// (KILN-HMAC-SHA256) when --token-name is given.
     #[arg(long, env = "KILN_TOKEN", hide_env_values = true)]

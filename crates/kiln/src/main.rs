@@ -1,10 +1,11 @@
 //! The `kiln` binary: the daemon (`kiln serve`) and the CLI client
-//! (`kiln kmod build`, `kiln status`, `kiln logs`). Parses configuration
+//! (`kiln kmod build`, `kiln status`, `kiln logs`) and `kiln dkms2bin`. Parses configuration
 //! once, wires the crates together, and owns the process: signals, the data
 //! directory lock, logging.
 
 mod client;
 mod config;
+mod dkms2bin;
 mod serve;
 
 use anyhow::Result;
@@ -18,6 +19,7 @@ async fn main() -> std::process::ExitCode {
         config::Command::Kmod(config::KmodCmd::Build(args)) => client::kmod_build(args).await,
         config::Command::Status(args) => client::status(args).await,
         config::Command::Logs(args) => client::logs(args).await,
+        config::Command::Dkms2bin(args) => dkms2bin::run(args).await,
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -128,6 +128,27 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         metrics.clone(),
     ));
     kmod.enforce_cache_cap();
+    let (arch, deb_arch) = kiln_dkms::Env::host_arch();
+    let dkms = Arc::new(kiln_dkms::DkmsJobs::new(
+        kiln_dkms::Env {
+            sandbox,
+            signing: kmod.config().signing.clone(),
+            make_jobs: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            arch,
+            deb_arch,
+            maintainer: "kiln dkms2bin <dkms2bin@example.com>".into(),
+            timeout: cfg.job_timeout,
+        },
+        Cas::open(&cfg.cache_dir).context("opening the cache")?,
+        db.clone(),
+        metrics.clone(),
+        kiln_archive::Limits {
+            max_bytes: cfg.max_extract_bytes,
+            max_entries: cfg.max_extract_entries,
+        },
+    ));
     let engine = Engine::new(
         db,
         EngineConfig {
@@ -139,7 +160,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             keep_workdir: cfg.keep_tmpdir,
             max_attempts: 3,
         },
-        vec![kmod.clone()],
+        vec![kmod.clone(), dkms.clone()],
         metrics,
     )?;
 
@@ -174,6 +195,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let app = kiln_api::router(kiln_api::AppState {
         engine: engine.clone(),
         kmod,
+        dkms,
         max_body: cfg.max_body,
         version: env!("CARGO_PKG_VERSION"),
         auth,
