@@ -4,10 +4,9 @@
 //! `GET /api/v1/dkms/{job_id}/deb` downloads the result.
 
 use axum::extract::{Multipart, Path, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
-use kiln_core::{JobId, JobStatus, KernelVersion};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::Response;
+use kiln_core::{JobId, JobStatus};
 use kiln_dkms::{DkmsOutcome, DkmsResult};
 use kiln_store::Submitted;
 use serde::Deserialize;
@@ -43,15 +42,7 @@ pub async fn submit(
     headers: HeaderMap,
     mut mp: Multipart,
 ) -> Result<Response, ApiError> {
-    let kv = headers
-        .get("x-kernel-version")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or(q.kernel_version.clone())
-        .unwrap_or_default();
-    let kver: KernelVersion = kv
-        .parse()
-        .map_err(|e: kiln_core::KernelVersionError| ApiError::bad_request(e.to_string()))?;
+    let kver = crate::kmod::requested_kver(&headers, q.kernel_version.as_deref())?;
     let (mut package, mut hdrs) = (None, None);
     let mut total = 0u64;
     while let Some(mut field) = mp
@@ -101,25 +92,20 @@ pub async fn submit(
             e => ApiError::internal(e),
         })?;
     match outcome {
-        DkmsOutcome::Hit { path, file_name, job_id } => {
+        DkmsOutcome::Hit {
+            path,
+            file_name,
+            job_id,
+        } => {
             let mut extra = vec![("x-kiln-cache", "hit".to_string())];
             if let Some(j) = job_id {
                 extra.push(("x-kiln-job-id", j.to_string()));
             }
             deb_file(&path, &file_name, &extra).await
         }
-        DkmsOutcome::Job(Submitted::Created(j) | Submitted::Joined(j)) => Ok((
-            StatusCode::ACCEPTED,
-            [("x-kiln-job-id", j.id.to_string())],
-            Json(serde_json::json!({
-                "status": if j.status == JobStatus::Pending { "building" } else { j.status.as_str() },
-                "job_id": j.id,
-                "status_url": format!("/api/v1/status/{}", j.id),
-                "download_url": format!("/api/v1/dkms/{}/deb", j.id),
-                "logs_url": format!("/api/v1/jobs/{}/logs", j.id),
-            })),
-        )
-            .into_response()),
+        DkmsOutcome::Job(Submitted::Created(j) | Submitted::Joined(j)) => Ok(
+            crate::kmod::accepted(&j, format!("/api/v1/dkms/{}/deb", j.id)),
+        ),
         DkmsOutcome::Job(Submitted::PreviouslyFailed(j)) => Err(ApiError::unprocessable(
             "previously_failed",
             format!(

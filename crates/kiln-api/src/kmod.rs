@@ -48,6 +48,36 @@ pub(crate) async fn gzip_file(
     Ok(resp)
 }
 
+/// The kernel version from `X-Kernel-Version` or `?kernel_version=`, validated.
+pub(crate) fn requested_kver(
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<KernelVersion, ApiError> {
+    headers
+        .get("x-kernel-version")
+        .and_then(|v| v.to_str().ok())
+        .or(query)
+        .unwrap_or_default()
+        .parse()
+        .map_err(|e: kiln_core::KernelVersionError| ApiError::bad_request(e.to_string()))
+}
+
+/// `202 Accepted` for a created or joined job, with where to look next.
+pub(crate) fn accepted(j: &kiln_store::JobRow, download_url: String) -> Response {
+    (
+        StatusCode::ACCEPTED,
+        [("x-kiln-job-id", j.id.to_string())],
+        Json(serde_json::json!({
+            "status": if j.status == JobStatus::Pending { "building" } else { j.status.as_str() },
+            "job_id": j.id,
+            "status_url": format!("/api/v1/status/{}", j.id),
+            "download_url": download_url,
+            "logs_url": format!("/api/v1/jobs/{}/logs", j.id),
+        })),
+    )
+        .into_response()
+}
+
 /// `POST /api/v1/build`: stream the headers to disk while hashing them,
 /// answer from the cache (200 + archive) or with a job (202).
 pub async fn build(
@@ -56,15 +86,7 @@ pub async fn build(
     headers: HeaderMap,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let kv = headers
-        .get("x-kernel-version")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or(q.kernel_version.clone())
-        .unwrap_or_default();
-    let kver: KernelVersion = kv
-        .parse()
-        .map_err(|e: kiln_core::KernelVersionError| ApiError::bad_request(e.to_string()))?;
+    let kver = requested_kver(&headers, q.kernel_version.as_deref())?;
     if let Some(len) = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
@@ -112,24 +134,23 @@ pub async fn build(
         "headers upload handled"
     );
     match outcome {
-        Outcome::Hit { path, cache_key, job_id } => {
-            let mut extra = vec![("x-kiln-cache", "hit".to_string()), ("x-kiln-cache-key", cache_key)];
+        Outcome::Hit {
+            path,
+            cache_key,
+            job_id,
+        } => {
+            let mut extra = vec![
+                ("x-kiln-cache", "hit".to_string()),
+                ("x-kiln-cache-key", cache_key),
+            ];
             if let Some(j) = job_id {
                 extra.push(("x-kiln-job-id", j.to_string()));
             }
             gzip_file(&path, &extra).await
         }
-        Outcome::Job(Submitted::Created(j) | Submitted::Joined(j)) => Ok((
-            StatusCode::ACCEPTED,
-            [("x-kiln-job-id", j.id.to_string())],
-            Json(serde_json::json!({
-                "status": if j.status == JobStatus::Pending { "building" } else { j.status.as_str() },
-                "job_id": j.id,
-                "status_url": format!("/api/v1/status/{}", j.id),
-                "logs_url": format!("/api/v1/jobs/{}/logs", j.id),
-            })),
-        )
-            .into_response()),
+        Outcome::Job(Submitted::Created(j) | Submitted::Joined(j)) => {
+            Ok(accepted(&j, format!("/api/v1/download/{}", j.id)))
+        }
         Outcome::Job(Submitted::PreviouslyFailed(j)) => {
             let tail = kiln_engine::JobLog::tail(&s.engine.log_path(&j.id), 40);
             Err(ApiError::unprocessable(

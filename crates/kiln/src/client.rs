@@ -348,38 +348,51 @@ fn tempfile_dir() -> Result<PathBuf> {
     Ok(d)
 }
 
-async fn wait(api: &Api, id: &str) -> Result<()> {
-    let pb = ProgressBar::new(100).with_style(
-        ProgressStyle::with_template("building  {bar:30} {pos}% {msg} [{elapsed}]")
-            .expect("template"),
-    );
+/// Poll a job's status until it is terminal; returns its last status
+/// document. `on_update` sees every document on the way.
+pub(crate) async fn poll(
+    api: &Api,
+    id: &str,
+    mut on_update: impl FnMut(&serde_json::Value),
+) -> Result<serde_json::Value> {
     loop {
         let resp = api
             .get(&format!("/api/v1/status/{id}"), &[])?
             .send()
             .await?;
-        if !matches!(resp.status().as_u16(), 200 | 202) {
+        let code = resp.status().as_u16();
+        if code != 200 && code != 202 {
             return Err(server_error(resp).await);
         }
         let v: serde_json::Value = resp.json().await?;
+        on_update(&v);
+        if code == 200 {
+            return Ok(v);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn wait(api: &Api, id: &str) -> Result<()> {
+    let pb = ProgressBar::new(100).with_style(
+        ProgressStyle::with_template("building  {bar:30} {pos}% {msg} [{elapsed}]")
+            .expect("template"),
+    );
+    let v = poll(api, id, |v| {
         if let Some(p) = v.get("progress") {
             pb.set_position(p["percent"].as_u64().unwrap_or(0));
             pb.set_message(p["stage"].as_str().unwrap_or("").to_string());
         }
-        match v["status"].as_str() {
-            Some("completed") => {
-                pb.finish_and_clear();
-                return Ok(());
-            }
-            Some(st @ ("failed" | "cancelled")) => {
-                pb.finish_and_clear();
-                bail!(
-                    "job {id} {st}: {}\n(full log: kiln logs {id})",
-                    v["error"].as_str().unwrap_or("no reason given")
-                );
-            }
-            _ => tokio::time::sleep(Duration::from_millis(500)).await,
-        }
+    })
+    .await?;
+    pb.finish_and_clear();
+    match v["status"].as_str() {
+        Some("completed") => Ok(()),
+        st => bail!(
+            "job {id} {}: {}\n(full log: kiln logs {id})",
+            st.unwrap_or("ended"),
+            v["error"].as_str().unwrap_or("no reason given")
+        ),
     }
 }
 

@@ -291,7 +291,7 @@ async fn remote(
     out_dir: &std::path::Path,
     work: &std::path::Path,
 ) -> Result<()> {
-    use crate::client::{file_sha256, pack_headers, save, server_error, Api};
+    use crate::client::{file_sha256, pack_headers, poll, save, server_error, Api};
     let api = Api::new(&a.client)?;
     api.check_scope("write").await?;
     let t0 = Instant::now();
@@ -434,21 +434,7 @@ async fn remote(
         }
     }
     for (label, k, id) in waiting {
-        let v = loop {
-            let resp = api
-                .get(&format!("/api/v1/status/{id}"), &[])?
-                .send()
-                .await?;
-            let code = resp.status().as_u16();
-            if code != 200 && code != 202 {
-                return Err(server_error(resp).await);
-            }
-            let v: serde_json::Value = resp.json().await?;
-            if code == 200 {
-                break v;
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        };
+        let v = poll(&api, &id, |_| {}).await?;
         let row = match v["status"].as_str() {
             Some("completed") if v["result"]["skipped"].is_string() => Row::Skipped(
                 v["result"]["skipped"]
