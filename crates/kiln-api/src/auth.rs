@@ -61,6 +61,16 @@ pub fn access(method: &Method, route: Option<&str>, metrics_auth: bool) -> Acces
             | "/api/v1/cache"
             | "/api/v1/dkms/{job_id}/deb",
         ) => Need(Scope::Read),
+        ("GET" | "HEAD", r)
+            if matches!(r, "/version" | "/api" | "/api/v1") || r.starts_with("/apis") =>
+        {
+            Need(Scope::Read)
+        }
+        ("POST" | "DELETE", r)
+            if r.starts_with("/apis/cbt.storage.k8s.io/v1alpha1/namespaces/") =>
+        {
+            Need(Scope::Write)
+        }
         ("POST", "/api/v1/build" | "/api/v1/dkms")
         | ("DELETE", "/api/v1/jobs/{job_id}" | "/api/v1/cancel/{job_id}") => Need(Scope::Write),
         _ => Need(Scope::Admin),
@@ -302,6 +312,28 @@ mod tests {
         assert_eq!(
             access(&Method::DELETE, Some("/api/v1/cache"), false),
             Access::Need(Scope::Admin)
+        );
+        assert_eq!(
+            access(
+                &get,
+                Some(
+                    "/apis/cbt.storage.k8s.io/v1alpha1/namespaces/{ns}/volumesnapshotdeltas/{name}"
+                ),
+                false
+            ),
+            Access::Need(Scope::Read)
+        );
+        assert_eq!(
+            access(
+                &Method::POST,
+                Some("/apis/cbt.storage.k8s.io/v1alpha1/namespaces/{ns}/volumesnapshots"),
+                false
+            ),
+            Access::Need(Scope::Write)
+        );
+        assert_eq!(
+            access(&get, Some("/version"), false),
+            Access::Need(Scope::Read)
         );
         // A route nobody classified is admin-only.
         assert_eq!(

@@ -8,6 +8,7 @@ mod auth;
 mod dkms;
 mod error;
 mod jobs;
+mod k8s;
 mod kmod;
 mod tls;
 
@@ -32,6 +33,9 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     pub kmod: Arc<Kmod>,
     pub dkms: Arc<kiln_dkms::DkmsJobs>,
+    pub cbt_jobs: Arc<kiln_cbt::CbtJobs>,
+    /// Snapshot roots, data-token key and lifetime.
+    pub cbt: Arc<kiln_cbt::CbtConfig>,
     /// `--maxbytesbody`.
     pub max_body: u64,
     pub version: &'static str,
@@ -65,6 +69,40 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/jobs/{job_id}/logs", get(jobs::logs))
         .route("/api/v1/cancel/{job_id}", delete(jobs::cancel))
         .route("/api/v1/cache", get(cache_usage).delete(cache_purge))
+        .route("/version", get(k8s::version))
+        .route("/api", get(k8s::api))
+        .route("/api/v1", get(k8s::api_v1))
+        .route("/apis", get(k8s::apis))
+        .route("/apis/cbt.storage.k8s.io", get(k8s::api_group))
+        .route("/apis/cbt.storage.k8s.io/v1alpha1", get(k8s::resources))
+        .route(
+            "/apis/cbt.storage.k8s.io/v1alpha1/volumesnapshotdeltas",
+            get(k8s::list_all_deltas),
+        )
+        .route(
+            "/apis/cbt.storage.k8s.io/v1alpha1/volumesnapshots",
+            get(k8s::list_all_snapshots),
+        )
+        .route(
+            "/apis/cbt.storage.k8s.io/v1alpha1/namespaces/{ns}/volumesnapshotdeltas",
+            get(k8s::list_deltas).post(k8s::create_delta),
+        )
+        .route(
+            "/apis/cbt.storage.k8s.io/v1alpha1/namespaces/{ns}/volumesnapshotdeltas/{name}",
+            get(k8s::get_delta).delete(k8s::delete_delta),
+        )
+        .route(
+            "/apis/cbt.storage.k8s.io/v1alpha1/namespaces/{ns}/volumesnapshots",
+            get(k8s::list_snapshots).post(k8s::create_snapshot),
+        )
+        .route(
+            "/apis/cbt.storage.k8s.io/v1alpha1/namespaces/{ns}/volumesnapshots/{name}",
+            get(k8s::get_snapshot).delete(k8s::delete_snapshot),
+        )
+        .route(
+            "/apis/cbt.storage.k8s.io/v1alpha1/namespaces/{ns}/volumesnapshots/{name}/blocks/{token}",
+            get(k8s::block),
+        )
         .route("/health", get(health))
         .route("/healthz", get(health))
         .route("/livez", get(health))

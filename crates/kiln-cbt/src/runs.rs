@@ -181,3 +181,123 @@ mod tests {
         );
     }
 }
+
+/// The on-disk form kiln stores: 24-byte records `(start, len, blocks
+/// before)`, little-endian, so a page is found by binary search with
+/// O(log n) small reads and bounded memory, however large the delta.
+pub fn to_indexed_bytes(r: &Runs) -> Vec<u8> {
+    let mut v = Vec::with_capacity(r.runs.len() * 24);
+    for ((s, l), p) in r.runs.iter().zip(&r.prefix) {
+        v.extend_from_slice(&s.to_le_bytes());
+        v.extend_from_slice(&l.to_le_bytes());
+        v.extend_from_slice(&p.to_le_bytes());
+    }
+    v
+}
+
+/// A stored delta, read in place.
+#[derive(Debug)]
+pub struct RunsFile {
+    f: std::fs::File,
+    n: u64,
+    count: u64,
+}
+
+impl RunsFile {
+    pub fn open(path: &std::path::Path) -> std::io::Result<RunsFile> {
+        let f = std::fs::File::open(path)?;
+        let len = f.metadata()?.len();
+        if len % 24 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not a kiln runs file",
+            ));
+        }
+        let mut rf = RunsFile {
+            f,
+            n: len / 24,
+            count: 0,
+        };
+        if rf.n > 0 {
+            let (_, l, p) = rf.record(rf.n - 1)?;
+            rf.count = p + l;
+        }
+        Ok(rf)
+    }
+
+    fn record(&self, i: u64) -> std::io::Result<(u64, u64, u64)> {
+        use std::os::unix::fs::FileExt;
+        let mut b = [0u8; 24];
+        self.f.read_exact_at(&mut b, i * 24)?;
+        let u = |k: usize| u64::from_le_bytes(b[k..k + 8].try_into().expect("8 bytes"));
+        Ok((u(0), u(8), u(16)))
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// As [`Runs::page`], reading O(log n + page) records.
+    pub fn page(&self, offset: u64, limit: usize) -> std::io::Result<Vec<u64>> {
+        let mut out = Vec::new();
+        if offset >= self.count || limit == 0 {
+            return Ok(out);
+        }
+        // Last record whose prefix <= offset.
+        let (mut lo, mut hi) = (0u64, self.n);
+        while hi - lo > 1 {
+            let mid = (lo + hi) / 2;
+            if self.record(mid)?.2 <= offset {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        let mut i = lo;
+        let (s, l, p) = self.record(i)?;
+        let mut within = offset - p;
+        let mut cur = (s, l);
+        loop {
+            let take = ((cur.1 - within) as usize).min(limit - out.len());
+            out.extend((0..take as u64).map(|k| cur.0 + within + k));
+            i += 1;
+            within = 0;
+            if out.len() >= limit || i >= self.n {
+                return Ok(out);
+            }
+            let (s, l, _) = self.record(i)?;
+            cur = (s, l);
+        }
+    }
+}
+
+#[cfg(test)]
+mod file_tests {
+    use super::*;
+
+    #[test]
+    fn indexed_file_pages_like_memory() {
+        let mut b = RunsBuilder::default();
+        for k in 0..5000u64 {
+            b.push(k * 7, 1 + k % 5);
+        }
+        let r = b.finish();
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("runs");
+        std::fs::write(&p, to_indexed_bytes(&r)).unwrap();
+        let f = RunsFile::open(&p).unwrap();
+        assert_eq!(f.count(), r.count());
+        for (off, lim) in [
+            (0, 10),
+            (1, 3),
+            (777, 256),
+            (r.count() - 2, 10),
+            (r.count(), 5),
+            (123, 0),
+        ] {
+            assert_eq!(f.page(off, lim).unwrap(), r.page(off, lim), "{off} {lim}");
+        }
+        std::fs::write(&p, [0u8; 25]).unwrap();
+        assert!(RunsFile::open(&p).is_err());
+    }
+}

@@ -70,6 +70,30 @@ pub struct Artifact {
     pub job_id: Option<JobId>,
 }
 
+/// A stored API object (kiln-api gives it its Kubernetes shape).
+#[derive(Debug, Clone)]
+pub struct Resource {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub resource_version: i64,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub body: serde_json::Value,
+}
+
+fn resource_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Resource> {
+    let body: String = r.get(5)?;
+    Ok(Resource {
+        namespace: r.get(0)?,
+        name: r.get(1)?,
+        uid: r.get(2)?,
+        resource_version: r.get(3)?,
+        created_at: r.get(4)?,
+        body: serde_json::from_str(&body).unwrap_or_default(),
+    })
+}
+
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -111,6 +135,16 @@ CREATE TABLE IF NOT EXISTS aliases (
     alias TEXT NOT NULL,
     key TEXT NOT NULL,
     PRIMARY KEY (kind, alias)
+);
+CREATE TABLE IF NOT EXISTS resources (
+    kind TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    uid TEXT NOT NULL,
+    rv INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (kind, namespace, name)
 );
 "#;
 
@@ -461,6 +495,100 @@ impl Db {
             )
         })?;
         Ok(())
+    }
+
+    /// Store a new API resource; `Ok(None)` when the name is taken.
+    pub fn create_resource(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        body: &serde_json::Value,
+    ) -> Result<Option<Resource>> {
+        let now = now_ms();
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let rv: i64 =
+                tx.query_row("SELECT COALESCE(MAX(rv), 0) + 1 FROM resources", [], |r| r.get(0))?;
+            let n = tx.execute(
+                "INSERT OR IGNORE INTO resources (kind, namespace, name, uid, rv, created_at, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![kind, namespace, name, uid, rv, now, body.to_string()],
+            )?;
+            tx.commit()?;
+            Ok((n == 1).then(|| Resource {
+                namespace: namespace.into(),
+                name: name.into(),
+                uid: uid.into(),
+                resource_version: rv,
+                created_at: now,
+                body: body.clone(),
+            }))
+        })
+    }
+
+    pub fn get_resource(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Resource>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT namespace, name, uid, rv, created_at, body FROM resources WHERE kind = ?1 AND namespace = ?2 AND name = ?3",
+                params![kind, namespace, name],
+                resource_row,
+            )
+            .optional()
+        })
+    }
+
+    /// Resources of `kind` (in `namespace`, or all), by namespace and name,
+    /// after `after` (namespace, name), at most `limit`.
+    pub fn list_resources(
+        &self,
+        kind: &str,
+        namespace: Option<&str>,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<Resource>> {
+        let (ans, aname) = after.unwrap_or(("", ""));
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT namespace, name, uid, rv, created_at, body FROM resources
+                 WHERE kind = ?1 AND (?2 IS NULL OR namespace = ?2) AND (namespace, name) > (?3, ?4)
+                 ORDER BY namespace, name LIMIT ?5",
+            )?;
+            let rows = st.query_map(
+                params![kind, namespace, ans, aname, limit as i64],
+                resource_row,
+            )?;
+            rows.collect()
+        })
+    }
+
+    pub fn delete_resource(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Resource>> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let r = tx
+                .query_row(
+                    "SELECT namespace, name, uid, rv, created_at, body FROM resources WHERE kind = ?1 AND namespace = ?2 AND name = ?3",
+                    params![kind, namespace, name],
+                    resource_row,
+                )
+                .optional()?;
+            tx.execute(
+                "DELETE FROM resources WHERE kind = ?1 AND namespace = ?2 AND name = ?3",
+                params![kind, namespace, name],
+            )?;
+            tx.commit()?;
+            Ok(r)
+        })
     }
 
     pub fn alias(&self, kind: &str, alias: &str) -> Result<Option<String>> {

@@ -195,6 +195,17 @@ pub struct ServeArgs {
     /// Audit log of mutating requests (JSON lines). [default: DATA_DIR/audit.log]
     #[arg(long = "audit-log", env = "KILN_AUDIT_LOG")]
     pub audit_log: Option<PathBuf>,
+    /// Directory whose files and devices may be named as volume snapshot
+    /// sources (repeatable; `:` separates them in the env). [default: none]
+    #[arg(
+        long = "snapshot-root",
+        env = "KILN_SNAPSHOT_ROOTS",
+        value_delimiter = ':'
+    )]
+    pub snapshot_root: Option<Vec<PathBuf>>,
+    /// Lifetime of changed-block data tokens, in seconds. [default: 10800]
+    #[arg(long = "cbt-token-ttl", env = "KILN_CBT_TOKEN_TTL")]
+    pub cbt_token_ttl: Option<u64>,
 }
 
 /// Who may call kiln, as configured.
@@ -233,6 +244,8 @@ pub struct ServeConfig {
     pub auth: AuthSettings,
     pub tls_watch: Option<Duration>,
     pub audit_log: PathBuf,
+    pub snapshot_roots: Vec<PathBuf>,
+    pub cbt_token_ttl: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -378,7 +391,25 @@ impl ServeArgs {
             .audit_log
             .or(file.audit_log)
             .unwrap_or_else(|| data_dir.join("audit.log"));
+        let snapshot_roots = self
+            .snapshot_root
+            .or(file.snapshot_root)
+            .unwrap_or_default();
+        for r in &snapshot_roots {
+            if !r.is_absolute() {
+                bail!("--snapshot-root {} must be an absolute path", r.display());
+            }
+        }
+        let cbt_token_ttl = self
+            .cbt_token_ttl
+            .or(file.cbt_token_ttl)
+            .unwrap_or(3 * 3600);
+        if cbt_token_ttl == 0 {
+            bail!("--cbt-token-ttl must be positive");
+        }
         Ok(ServeConfig {
+            snapshot_roots,
+            cbt_token_ttl,
             auth,
             tls_watch,
             audit_log,

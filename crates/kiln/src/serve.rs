@@ -149,6 +149,20 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             max_entries: cfg.max_extract_entries,
         },
     ));
+    let cbt_jobs = Arc::new(kiln_cbt::CbtJobs::new(
+        Cas::open(&cfg.cache_dir).context("opening the cache")?,
+        db.clone(),
+    ));
+    let cbt = Arc::new(kiln_cbt::CbtConfig {
+        roots: cfg.snapshot_roots.clone(),
+        key: token_key(&cfg.data_dir.join("cbt-token.key"))?,
+        token_ttl_secs: cfg.cbt_token_ttl as i64,
+    });
+    for r in &cfg.snapshot_roots {
+        if !r.is_dir() {
+            tracing::warn!(root = %r.display(), "snapshot root does not exist (yet)");
+        }
+    }
     let engine = Engine::new(
         db,
         EngineConfig {
@@ -160,7 +174,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             keep_workdir: cfg.keep_tmpdir,
             max_attempts: 3,
         },
-        vec![kmod.clone(), dkms.clone()],
+        vec![kmod.clone(), dkms.clone(), cbt_jobs.clone()],
         metrics,
     )?;
 
@@ -196,6 +210,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         engine: engine.clone(),
         kmod,
         dkms,
+        cbt_jobs,
+        cbt,
         max_body: cfg.max_body,
         version: env!("CARGO_PKG_VERSION"),
         auth,
@@ -228,6 +244,38 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     while workers.join_next().await.is_some() {}
     drop(lock);
     Ok(())
+}
+
+/// The data-token key: 32 random bytes made at first start, kept 0600 in
+/// the data dir so tokens survive restarts.
+fn token_key(path: &std::path::Path) -> Result<kiln_cbt::TokenKey> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Ok(b) = std::fs::read(path) {
+        let k: [u8; 32] = b.try_into().map_err(|_| {
+            anyhow::anyhow!(
+                "{} is not a 32-byte key; remove it to make a new one",
+                path.display()
+            )
+        })?;
+        return Ok(kiln_cbt::TokenKey::new(k));
+    }
+    let mut k = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut k))
+        .context("reading /dev/urandom")?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(&k)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("creating {}", path.display()))?;
+    Ok(kiln_cbt::TokenKey::new(k))
 }
 
 /// Load the token file and build the authenticator; refuse to start on an
