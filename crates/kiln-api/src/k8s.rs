@@ -412,8 +412,23 @@ pub async fn create_snapshot(
     let info = kiln_cbt::inspect(&real)
         .await
         .map_err(|e| K8sError::invalid(format!("spec.source.path: {e}")))?;
+    // An LVM thin device: its pool's metadata (under a root too) and device id.
+    let thin = match body["spec"]["source"].get("thin") {
+        None | Some(Value::Null) => Value::Null,
+        Some(t) => {
+            let md = t["metadata"]
+                .as_str()
+                .ok_or_else(|| K8sError::invalid("spec.source.thin.metadata is required"))?;
+            let md = kiln_cbt::allowed_path(&s.cbt.roots, std::path::Path::new(md))
+                .map_err(K8sError::forbidden)?;
+            let id = t["deviceId"]
+                .as_u64()
+                .ok_or_else(|| K8sError::invalid("spec.source.thin.deviceId must be a number"))?;
+            json!({"metadata": md, "device_id": id})
+        }
+    };
     let uid = uuid::Uuid::new_v4().to_string();
-    let kiln = json!({"path": real, "format": info.format, "size": info.size});
+    let kiln = json!({"path": real, "format": info.format, "size": info.size, "thin": thin});
     let r = s
         .engine
         .db()
@@ -496,10 +511,21 @@ pub async fn create_delta(
         let p = r.body["kiln"]["path"].as_str().unwrap_or_default();
         kiln_cbt::allowed_path(&s.cbt.roots, std::path::Path::new(p)).map_err(K8sError::forbidden)
     };
+    let (bt, tt) = (&base.body["kiln"]["thin"], &target.body["kiln"]["thin"]);
+    let thin = match (bt["metadata"].as_str(), tt["metadata"].as_str()) {
+        (Some(bm), Some(tm)) if bm == tm => Some(kiln_cbt::ThinParams {
+            metadata: kiln_cbt::allowed_path(&s.cbt.roots, std::path::Path::new(tm))
+                .map_err(K8sError::forbidden)?,
+            base_id: bt["device_id"].as_u64().unwrap_or_default(),
+            target_id: tt["device_id"].as_u64().unwrap_or_default(),
+        }),
+        _ => None,
+    };
     let params = kiln_cbt::CbtParams {
         base: path_of(&base)?,
         target: path_of(&target)?,
         block_size,
+        thin,
     };
     let uid = uuid::Uuid::new_v4().to_string();
     let pv = serde_json::to_value(&params).map_err(K8sError::internal)?;

@@ -81,6 +81,17 @@ pub struct CbtParams {
     pub base: PathBuf,
     pub target: PathBuf,
     pub block_size: u64,
+    /// Both snapshots are thin devices of one pool: use `thin_delta`.
+    #[serde(default)]
+    pub thin: Option<ThinParams>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ThinParams {
+    /// The pool's metadata (a metadata snapshot device, or a file).
+    pub metadata: PathBuf,
+    pub base_id: u64,
+    pub target_id: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -145,6 +156,18 @@ impl CbtJobs {
             ti.size,
             p.block_size
         ));
+        if let Some(t) = &p.thin {
+            ctx.progress("thin_delta", 5);
+            let runs = crate::thin_delta(
+                &t.metadata,
+                t.base_id,
+                t.target_id,
+                p.block_size,
+                &ctx.cancel,
+            )
+            .await?;
+            return self.store(ctx, runs, ti.size, p.block_size, "thin-delta");
+        }
         if ti.format == "qcow2" {
             if let Some((runs, size)) =
                 overlay_delta(&p.target, &p.base, p.block_size, &ctx.cancel).await?

@@ -9,12 +9,14 @@ mod job;
 mod qcow2;
 mod runs;
 mod scan;
+mod thin;
 mod token;
 
-pub use job::{inspect, CbtJobs, CbtParams, CbtResult, SourceInfo, KIND};
+pub use job::{inspect, CbtJobs, CbtParams, CbtResult, SourceInfo, ThinParams, KIND};
 pub use qcow2::{backing_chain, overlay_delta};
 pub use runs::{to_indexed_bytes, Runs, RunsBuilder, RunsFile};
 pub use scan::{full_scan, volume_size};
+pub use thin::{parse_thin_delta, thin_delta};
 pub use token::{DataToken, TokenError, TokenKey};
 
 use std::path::PathBuf;
