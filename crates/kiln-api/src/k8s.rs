@@ -239,6 +239,7 @@ fn delta_json(s: &AppState, r: &Resource) -> (Value, Option<CbtResult>) {
         status["blockSizeBytes"] = json!(res.block_size);
         status["totalChangedBlocks"] = json!(res.changed_blocks);
         status["method"] = json!(res.method);
+        status["computeSeconds"] = json!(res.compute_seconds);
     }
     if let Some(j) = &job {
         status["jobId"] = json!(j.id);
@@ -521,11 +522,19 @@ pub async fn create_delta(
         }),
         _ => None,
     };
+    let info = |r: &Resource| -> Option<kiln_cbt::SourceInfo> {
+        Some(kiln_cbt::SourceInfo {
+            format: r.body["kiln"]["format"].as_str()?.to_string(),
+            size: r.body["kiln"]["size"].as_u64()?,
+        })
+    };
     let params = kiln_cbt::CbtParams {
         base: path_of(&base)?,
         target: path_of(&target)?,
         block_size,
         thin,
+        base_info: info(&base),
+        target_info: info(&target),
     };
     let uid = uuid::Uuid::new_v4().to_string();
     let pv = serde_json::to_value(&params).map_err(K8sError::internal)?;

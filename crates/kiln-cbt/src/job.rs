@@ -84,6 +84,11 @@ pub struct CbtParams {
     /// Both snapshots are thin devices of one pool: use `thin_delta`.
     #[serde(default)]
     pub thin: Option<ThinParams>,
+    /// What the snapshots were when they were made (saves inspecting again).
+    #[serde(default)]
+    pub base_info: Option<SourceInfo>,
+    #[serde(default)]
+    pub target_info: Option<SourceInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -102,6 +107,9 @@ pub struct CbtResult {
     pub volume_size: u64,
     pub block_size: u64,
     pub method: String,
+    /// Time spent computing, in seconds.
+    #[serde(default)]
+    pub compute_seconds: f64,
 }
 
 #[derive(Debug)]
@@ -145,7 +153,14 @@ impl CbtJobs {
 
     async fn compute(&self, ctx: &JobContext, p: &CbtParams) -> Result<CbtResult, CbtError> {
         ctx.progress("inspecting", 1);
-        let (bi, ti) = (inspect(&p.base).await?, inspect(&p.target).await?);
+        let bi = match &p.base_info {
+            Some(i) => i.clone(),
+            None => inspect(&p.base).await?,
+        };
+        let ti = match &p.target_info {
+            Some(i) => i.clone(),
+            None => inspect(&p.target).await?,
+        };
         ctx.log.info(&format!(
             "base {} ({}, {} bytes), target {} ({}, {} bytes), block size {}",
             p.base.display(),
@@ -245,6 +260,7 @@ impl CbtJobs {
             volume_size: size,
             block_size,
             method: method.into(),
+            compute_seconds: 0.0,
         })
     }
 }
@@ -262,8 +278,12 @@ impl JobKind for CbtJobs {
     ) -> Result<serde_json::Value, JobError> {
         let p: CbtParams = serde_json::from_value(params)
             .map_err(|e| JobError::Failed(format!("bad job parameters: {e}")))?;
+        let t0 = std::time::Instant::now();
         match self.compute(ctx, &p).await {
-            Ok(r) => serde_json::to_value(r).map_err(|e| JobError::Failed(e.to_string())),
+            Ok(mut r) => {
+                r.compute_seconds = t0.elapsed().as_secs_f64();
+                serde_json::to_value(r).map_err(|e| JobError::Failed(e.to_string()))
+            }
             Err(CbtError::Cancelled) => Err(JobError::Cancelled),
             Err(e) => Err(JobError::Failed(e.to_string())),
         }

@@ -7,13 +7,15 @@
 
 mod job;
 mod qcow2;
+mod qcow2_meta;
 mod runs;
 mod scan;
 mod thin;
 mod token;
 
 pub use job::{inspect, CbtJobs, CbtParams, CbtResult, SourceInfo, ThinParams, KIND};
-pub use qcow2::{backing_chain, overlay_delta};
+pub use qcow2::{backing_chain, overlay_delta, overlay_delta_qemu};
+pub use qcow2_meta::overlay_delta_native;
 pub use runs::{to_indexed_bytes, Runs, RunsBuilder, RunsFile};
 pub use scan::{full_scan, volume_size};
 pub use thin::{parse_thin_delta, thin_delta};

@@ -96,6 +96,27 @@ pub async fn overlay_delta(
     cancel: &CancellationToken,
 ) -> Result<Option<(Runs, u64)>, CbtError> {
     check_block_size(block_size)?;
+    let (t, b) = (target.to_path_buf(), base.to_path_buf());
+    let native =
+        tokio::task::spawn_blocking(move || crate::overlay_delta_native(&t, &b, block_size))
+            .await
+            .map_err(|_| CbtError::Cancelled)?;
+    match native {
+        Ok(Some(found)) => return Ok(Some(found)),
+        Ok(None) => {}
+        Err(e) => tracing::debug!(error = %e, "native qcow2 reader gave up; asking qemu-img"),
+    }
+    overlay_delta_qemu(target, base, block_size, cancel).await
+}
+
+/// [`overlay_delta`] through `qemu-img map`, for images kiln's own reader
+/// does not cover.
+pub async fn overlay_delta_qemu(
+    target: &Path,
+    base: &Path,
+    block_size: u64,
+    cancel: &CancellationToken,
+) -> Result<Option<(Runs, u64)>, CbtError> {
     let chain = backing_chain(target, cancel).await?;
     let base = std::fs::canonicalize(base).map_err(|source| CbtError::Io {
         path: base.into(),
@@ -188,6 +209,17 @@ mod tests {
         ];
         want.sort();
         assert_eq!(r.page(0, 100), want);
+        // kiln's own reader and qemu-img map agree, layer by layer.
+        for base in ["mid.qcow2", "base.qcow2"] {
+            let native = crate::overlay_delta_native(&top, &d.path().join(base), bs)
+                .unwrap()
+                .unwrap();
+            let qemu = overlay_delta_qemu(&top, &d.path().join(base), bs, &c)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(native, qemu, "{base}");
+        }
         // An image outside the chain: not answerable from metadata.
         sh(&format!(
             "cd {p} && qemu-img create -q -f qcow2 other.qcow2 64M"
