@@ -160,6 +160,58 @@ pub async fn resources() -> Json<Value> {
     }))
 }
 
+/// `/openapi/v3`: the index kubectl reads before it validates a manifest.
+pub async fn openapi_v3() -> Json<Value> {
+    Json(json!({"paths": {
+        format!("apis/{GV}"): {"serverRelativeURL": format!("/openapi/v3/apis/{GV}")},
+    }}))
+}
+
+/// `/openapi/v3/apis/cbt.storage.k8s.io/v1alpha1`: the two kinds' schemas
+/// (specs are checked by kiln itself) and the create paths, which accept
+/// `fieldValidation`, so kubectl leaves validation to the server.
+pub async fn openapi_v3_group() -> Json<Value> {
+    let schema = |kind: &str| {
+        json!({
+            "type": "object",
+            "x-kubernetes-group-version-kind": [{"group": GROUP, "version": VERSION, "kind": kind}],
+            "properties": {
+                "apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                "metadata": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+            }
+        })
+    };
+    // kubectl decides that validation is the server's job when the patch
+    // operation of a kind lists `fieldValidation`; kiln checks every
+    // object it is given (and answers PATCH with 405).
+    let op = |kind: &str, action: &str| {
+        json!({
+            "parameters": [{"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "OK"}},
+            "x-kubernetes-action": action,
+            "x-kubernetes-group-version-kind": {"group": GROUP, "version": VERSION, "kind": kind},
+        })
+    };
+    let post = |kind: &str| json!({"post": op(kind, "post")});
+    let patch = |kind: &str| json!({"patch": op(kind, "patch")});
+    Json(json!({
+        "openapi": "3.0.0",
+        "info": {"title": "kiln", "version": VERSION},
+        "paths": {
+            format!("/apis/{GV}/namespaces/{{namespace}}/volumesnapshotdeltas"): post(DELTA),
+            format!("/apis/{GV}/namespaces/{{namespace}}/volumesnapshots"): post(SNAP),
+            format!("/apis/{GV}/namespaces/{{namespace}}/volumesnapshotdeltas/{{name}}"): patch(DELTA),
+            format!("/apis/{GV}/namespaces/{{namespace}}/volumesnapshots/{{name}}"): patch(SNAP),
+        },
+        "components": {"schemas": {
+            format!("io.k8s.cbt.{VERSION}.{DELTA}"): schema(DELTA),
+            format!("io.k8s.cbt.{VERSION}.{SNAP}"): schema(SNAP),
+        }}
+    }))
+}
+
 // ---- objects ----------------------------------------------------------------
 
 fn meta(r: &Resource) -> Value {
@@ -382,6 +434,49 @@ fn check_object(body: &Value, kind: &str, ns: &str) -> Result<String, K8sError> 
     Ok(name.to_string())
 }
 
+#[derive(Debug, Deserialize)]
+pub struct CreateQuery {
+    #[serde(rename = "fieldValidation")]
+    field_validation: Option<String>,
+}
+
+/// `fieldValidation=Strict` (kubectl's default): unknown fields are an
+/// error; otherwise they are ignored.
+fn strict_fields(
+    q: &CreateQuery,
+    body: &Value,
+    allowed: &[(&str, &[&str])],
+) -> Result<(), K8sError> {
+    if !q
+        .field_validation
+        .as_deref()
+        .is_some_and(|v| v.eq_ignore_ascii_case("strict"))
+    {
+        return Ok(());
+    }
+    for (path, keys) in allowed {
+        let mut v = body;
+        for part in path.split('.').filter(|p| !p.is_empty()) {
+            v = &v[part];
+        }
+        if let Some(obj) = v.as_object() {
+            if let Some(k) = obj.keys().find(|k| !keys.contains(&k.as_str())) {
+                let at = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                return Err(K8sError::bad(format!(
+                    "strict decoding error: unknown field \"{at}\""
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+const TOP: &[&str] = &["apiVersion", "kind", "metadata", "spec", "status"];
+
 fn stored(body: &Value, kiln: Value) -> Value {
     json!({
         "metadata": {"labels": body["metadata"]["labels"], "annotations": body["metadata"]["annotations"]},
@@ -401,10 +496,21 @@ fn parse_body(bytes: &[u8]) -> Result<Value, K8sError> {
 pub async fn create_snapshot(
     State(s): State<AppState>,
     Path(ns): Path<String>,
+    Query(q): Query<CreateQuery>,
     body: axum::body::Bytes,
 ) -> Result<Response, K8sError> {
     let body = parse_body(&body)?;
     let name = check_object(&body, SNAP, &ns)?;
+    strict_fields(
+        &q,
+        &body,
+        &[
+            ("", TOP),
+            ("spec", &["source"]),
+            ("spec.source", &["path", "thin"]),
+            ("spec.source.thin", &["metadata", "deviceId"]),
+        ],
+    )?;
     let path = body["spec"]["source"]["path"]
         .as_str()
         .ok_or_else(|| K8sError::invalid("spec.source.path is required"))?;
@@ -474,10 +580,27 @@ pub async fn delete_snapshot(
 pub async fn create_delta(
     State(s): State<AppState>,
     Path(ns): Path<String>,
+    Query(q): Query<CreateQuery>,
     body: axum::body::Bytes,
 ) -> Result<Response, K8sError> {
     let body = parse_body(&body)?;
     let name = check_object(&body, DELTA, &ns)?;
+    strict_fields(
+        &q,
+        &body,
+        &[
+            ("", TOP),
+            (
+                "spec",
+                &[
+                    "baseVolumeSnapshotName",
+                    "targetVolumeSnapshotName",
+                    "mode",
+                    "blockSizeBytes",
+                ],
+            ),
+        ],
+    )?;
     let spec = &body["spec"];
     let field = |f: &str| {
         spec[f]

@@ -73,6 +73,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api", get(k8s::api))
         .route("/api/v1", get(k8s::api_v1))
         .route("/apis", get(k8s::apis))
+        .route("/openapi/v3", get(k8s::openapi_v3))
+        .route(
+            "/openapi/v3/apis/cbt.storage.k8s.io/v1alpha1",
+            get(k8s::openapi_v3_group),
+        )
         .route("/apis/cbt.storage.k8s.io", get(k8s::api_group))
         .route("/apis/cbt.storage.k8s.io/v1alpha1", get(k8s::resources))
         .route(

@@ -164,7 +164,16 @@ fn qcow2_overlay_delta_via_kubectl_pages_and_block_data() {
         &vols.join("top.qcow2").display().to_string(),
         &format!(", blockSizeBytes: {bs}"),
     );
-    let (ok, out) = kubectl(&kc, &["create", "--validate=false", "-f", "-"], Some(&objs));
+    // kubectl validates against kiln's OpenAPI and leaves strict field checks to kiln.
+    let typo = objs.replace("mode: block", "mode: block, blockSize: 1");
+    let (ok, out) = kubectl(&kc, &["create", "-f", "-"], Some(&typo));
+    assert!(
+        !ok && out.contains("unknown field \"spec.blockSize\""),
+        "{out}"
+    );
+    let (ok, out) = kubectl(&kc, &["delete", "volumesnapshots", "vs-00", "vs-01"], None);
+    assert!(ok, "{out}");
+    let (ok, out) = kubectl(&kc, &["create", "-f", "-"], Some(&objs));
     assert!(ok, "{out}");
     assert!(
         out.contains("volumesnapshotdelta.cbt.storage.k8s.io/test-delta created"),
@@ -280,7 +289,7 @@ fn qcow2_overlay_delta_via_kubectl_pages_and_block_data() {
     // Kubernetes-style errors.
     let (c, body) = curl(&[&s.url(&format!("{G}/volumesnapshotdeltas/nope"))]);
     assert_eq!((c, json(&body)["reason"].as_str()), (404, Some("NotFound")));
-    let (ok, out) = kubectl(&kc, &["create", "--validate=false", "-f", "-"], Some(&objs));
+    let (ok, out) = kubectl(&kc, &["create", "-f", "-"], Some(&objs));
     assert!(!ok && out.contains("already exists"), "{out}");
     let (ok, out) = kubectl(&kc, &["delete", "volumesnapshotdelta", "test-delta"], None);
     assert!(ok, "{out}");
