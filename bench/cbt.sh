@@ -59,10 +59,12 @@ delta() { # name base target block-size -> seconds until computed
   curl -sf -X POST -H 'content-type: application/json' \
     -d "{\"metadata\":{\"name\":\"$1\"},\"spec\":{\"baseVolumeSnapshotName\":\"$2\",\"targetVolumeSnapshotName\":\"$3\",\"blockSizeBytes\":$4}}" "$U/volumesnapshotdeltas" >/dev/null
   while :; do
-    st=$(curl -sf "$U/volumesnapshotdeltas/$1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"]["state"])')
-    [ "$st" = computed ] && break
-    [ "$st" = failed ] && { echo "delta $1 failed"; curl -s "$U/volumesnapshotdeltas/$1"; exit 1; }
-    sleep 0.02
+    st=$(curl -sf "$U/volumesnapshotdeltas/$1")
+    case "$st" in
+      *'"state":"computed"'*) break ;;
+      *'"state":"failed"'*) echo "delta $1 failed: $st"; exit 1 ;;
+    esac
+    sleep 0.005
   done
   echo "$(now) - $t0" | bc
 }
