@@ -504,3 +504,72 @@ fn lvm_thin_delta_from_pool_metadata() {
         &s.url(&format!("{G}/volumesnapshots"))]);
     assert_eq!(c, 403);
 }
+
+/// A long full scan shows progress and stops when its delta is deleted.
+#[test]
+fn a_running_scan_reports_progress_and_is_cancelled_by_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let vols = d.join("vols");
+    std::fs::create_dir_all(&vols).unwrap();
+    // Two sparse 256 GiB volumes: reading them takes far longer than the test.
+    sh(&format!(
+        "cd {} && truncate -s 256G a.raw b.raw",
+        vols.display()
+    ));
+    let s = Server::start(
+        &d.join("srv"),
+        &[
+            "--snapshot-root",
+            vols.to_str().unwrap(),
+            "--drbd-dir",
+            "/nonexistent",
+        ],
+    );
+    for n in ["a", "b"] {
+        let (c, _) = curl(&["-X", "POST", "-H", "content-type: application/json", "-d",
+            &format!("{{\"metadata\":{{\"name\":\"{n}\"}},\"spec\":{{\"source\":{{\"path\":\"{}/{n}.raw\"}}}}}}", vols.display()),
+            &s.url(&format!("{G}/volumesnapshots"))]);
+        assert_eq!(c, 201);
+    }
+    let (c, body) = curl(&["-X", "POST", "-H", "content-type: application/json", "-d",
+        "{\"metadata\":{\"name\":\"big\"},\"spec\":{\"baseVolumeSnapshotName\":\"a\",\"targetVolumeSnapshotName\":\"b\"}}",
+        &s.url(&format!("{G}/volumesnapshotdeltas"))]);
+    assert_eq!(c, 201);
+    let job = json(&body)["status"]["jobId"].as_str().unwrap().to_string();
+    // Progress moves while it computes.
+    let t = Instant::now();
+    loop {
+        let (_, body) = curl(&[&s.url(&format!("{G}/volumesnapshotdeltas/big"))]);
+        let v = json(&body);
+        assert_eq!(v["status"]["state"], "computing", "{v}");
+        let msg = v["status"]["conditions"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if msg.starts_with("comparing") && !msg.contains("(5%)") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "no progress: {msg}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (c, _) = curl(&[
+        "-X",
+        "DELETE",
+        &s.url(&format!("{G}/volumesnapshotdeltas/big")),
+    ]);
+    assert_eq!(c, 200);
+    let t = Instant::now();
+    loop {
+        let (_, body) = curl(&[&s.url(&format!("/api/v1/jobs/{job}"))]);
+        if json(&body)["status"] == "cancelled" {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "not cancelled: {}",
+            String::from_utf8_lossy(&body)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
