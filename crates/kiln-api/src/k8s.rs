@@ -750,7 +750,17 @@ pub async fn get_delta(
     })
     .await
     .map_err(K8sError::internal)?
-    .map_err(K8sError::internal)?;
+    .map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            K8sError::new(
+                StatusCode::GONE,
+                "Gone",
+                "the delta's block list was evicted from the cache; delete and create the delta again",
+            )
+        } else {
+            K8sError::internal(e)
+        }
+    })?;
     let target_uid = r.body["kiln"]["target_uid"].as_str().unwrap_or_default();
     let issued = now_unix();
     let expires = issued + s.cbt.token_ttl_secs;

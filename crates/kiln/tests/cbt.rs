@@ -286,6 +286,13 @@ fn qcow2_overlay_delta_via_kubectl_pages_and_block_data() {
         );
         assert_eq!(json(&body)["kind"], "Status");
     }
+    // A block list evicted from the cache (here: purged) is reported as gone.
+    let (c, _) = curl(&["-X", "DELETE", &s.url("/api/v1/cache")]);
+    assert_eq!(c, 200);
+    let (c, body) = curl(&[&s.url(&format!(
+        "{G}/volumesnapshotdeltas/test-delta?fetchcbd=true"
+    ))]);
+    assert_eq!((c, json(&body)["reason"].as_str()), (410, Some("Gone")));
     // Kubernetes-style errors.
     let (c, body) = curl(&[&s.url(&format!("{G}/volumesnapshotdeltas/nope"))]);
     assert_eq!((c, json(&body)["reason"].as_str()), (404, Some("NotFound")));
