@@ -47,6 +47,27 @@ pub enum CbtError {
     Cancelled,
 }
 
+/// Run a metadata tool (`qemu-img`, `thin_delta`) and return its stdout;
+/// cancellation and failure become [`CbtError`]s naming the tool.
+pub(crate) async fn run_captured(
+    tool: &'static str,
+    cmd: kiln_exec::Cmd,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<String, CbtError> {
+    let sink = std::sync::Arc::new(kiln_exec::CaptureSink::default());
+    cmd.timeout(std::time::Duration::from_secs(3600))
+        .run(sink.clone(), cancel)
+        .await
+        .map_err(|source| {
+            if source.is_cancelled() {
+                CbtError::Cancelled
+            } else {
+                CbtError::Exec { tool, source }
+            }
+        })?;
+    Ok(sink.stdout())
+}
+
 pub fn check_block_size(bs: u64) -> Result<(), CbtError> {
     if bs.is_power_of_two() && (4096..=64 << 20).contains(&bs) {
         Ok(())

@@ -4,9 +4,8 @@
 //! tables, so the cost follows the metadata, not the volume size.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use kiln_exec::{CaptureSink, Cmd};
+use kiln_exec::Cmd;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -17,24 +16,13 @@ async fn qemu_img_json(
     image: &Path,
     cancel: &CancellationToken,
 ) -> Result<serde_json::Value, CbtError> {
-    let sink = Arc::new(CaptureSink::default());
-    Cmd::new("qemu-img")
-        .args(args)
-        .arg(image)
-        .timeout(std::time::Duration::from_secs(3600))
-        .run(sink.clone(), cancel)
-        .await
-        .map_err(|source| {
-            if source.is_cancelled() {
-                CbtError::Cancelled
-            } else {
-                CbtError::Exec {
-                    tool: "qemu-img",
-                    source,
-                }
-            }
-        })?;
-    serde_json::from_str(&sink.stdout()).map_err(|e| CbtError::Format {
+    let out = crate::run_captured(
+        "qemu-img",
+        Cmd::new("qemu-img").args(args).arg(image),
+        cancel,
+    )
+    .await?;
+    serde_json::from_str(&out).map_err(|e| CbtError::Format {
         path: image.into(),
         message: format!(
             "qemu-img {}: {e}",

@@ -5,9 +5,8 @@
 //! all of those are changed blocks of the target.
 
 use std::path::Path;
-use std::sync::Arc;
 
-use kiln_exec::{CaptureSink, Cmd};
+use kiln_exec::Cmd;
 use tokio_util::sync::CancellationToken;
 
 use crate::{check_block_size, CbtError, Runs, RunsBuilder};
@@ -65,27 +64,14 @@ pub async fn thin_delta(
     block_size: u64,
     cancel: &CancellationToken,
 ) -> Result<Runs, CbtError> {
-    let sink = Arc::new(CaptureSink::default());
-    Cmd::new("thin_delta")
+    let cmd = Cmd::new("thin_delta")
         .arg("--snap1")
         .arg(base_id.to_string())
         .arg("--snap2")
         .arg(target_id.to_string())
-        .arg(metadata)
-        .timeout(std::time::Duration::from_secs(3600))
-        .run(sink.clone(), cancel)
-        .await
-        .map_err(|source| {
-            if source.is_cancelled() {
-                CbtError::Cancelled
-            } else {
-                CbtError::Exec {
-                    tool: "thin_delta",
-                    source,
-                }
-            }
-        })?;
-    parse_thin_delta(&sink.stdout(), block_size).map_err(|message| CbtError::Format {
+        .arg(metadata);
+    let out = crate::run_captured("thin_delta", cmd, cancel).await?;
+    parse_thin_delta(&out, block_size).map_err(|message| CbtError::Format {
         path: metadata.into(),
         message,
     })

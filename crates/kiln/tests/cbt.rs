@@ -120,6 +120,21 @@ fn walk(s: &Server, name: &str, limit: usize) -> (Vec<u64>, Vec<(u64, String)>) 
     (by_offset, tokens)
 }
 
+/// POST an object as JSON; it must be created.
+fn create(s: &Server, kind: &str, body: &str) -> serde_json::Value {
+    let (c, b) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        body,
+        &s.url(&format!("{G}/{kind}")),
+    ]);
+    assert_eq!(c, 201, "{}", String::from_utf8_lossy(&b));
+    json(&b)
+}
+
 fn yaml_objects(base: &str, target: &str, extra: &str) -> String {
     format!(
         "apiVersion: cbt.storage.k8s.io/v1alpha1\nkind: VolumeSnapshot\nmetadata: {{name: vs-00}}\nspec: {{source: {{path: {base}}}}}\n---\napiVersion: cbt.storage.k8s.io/v1alpha1\nkind: VolumeSnapshot\nmetadata: {{name: vs-01}}\nspec: {{source: {{path: {target}}}}}\n---\napiVersion: cbt.storage.k8s.io/v1alpha1\nkind: VolumeSnapshotDelta\nmetadata: {{name: test-delta}}\nspec: {{baseVolumeSnapshotName: vs-00, targetVolumeSnapshotName: vs-01, mode: block{extra}}}\n"
@@ -327,18 +342,7 @@ fn expired_tokens_are_refused() {
             "/nonexistent",
         ],
     );
-    let post = |kind: &str, body: String| {
-        let (c, b) = curl(&[
-            "-X",
-            "POST",
-            "-H",
-            "content-type: application/json",
-            "-d",
-            &body,
-            &s.url(&format!("{G}/{kind}")),
-        ]);
-        assert_eq!(c, 201, "{}", String::from_utf8_lossy(&b));
-    };
+    let post = |kind: &str, body: String| create(&s, kind, &body);
     post(
         "volumesnapshots",
         format!(
@@ -402,19 +406,7 @@ fn independent_file_and_loop_device() {
             "/nonexistent",
         ],
     );
-    let post = |kind: &str, body: String| {
-        let (c, b) = curl(&[
-            "-X",
-            "POST",
-            "-H",
-            "content-type: application/json",
-            "-d",
-            &body,
-            &s.url(&format!("{G}/{kind}")),
-        ]);
-        assert_eq!(c, 201, "{}", String::from_utf8_lossy(&b));
-        json(&b)
-    };
+    let post = |kind: &str, body: String| create(&s, kind, &body);
     post("volumesnapshots", format!("{{\"metadata\":{{\"name\":\"base\"}},\"spec\":{{\"source\":{{\"path\":\"{}/base.raw\"}}}}}}", vols.display()));
     let snap = post(
         "volumesnapshots",
@@ -480,18 +472,7 @@ fn lvm_thin_delta_from_pool_metadata() {
             "/nonexistent",
         ],
     );
-    let post = |kind: &str, body: String| {
-        let (c, b) = curl(&[
-            "-X",
-            "POST",
-            "-H",
-            "content-type: application/json",
-            "-d",
-            &body,
-            &s.url(&format!("{G}/{kind}")),
-        ]);
-        assert_eq!(c, 201, "{}", String::from_utf8_lossy(&b));
-    };
+    let post = |kind: &str, body: String| create(&s, kind, &body);
     for (name, id) in [("lv1", 1), ("lv2", 2)] {
         post(
             "volumesnapshots",
