@@ -65,6 +65,7 @@ pub struct Dkms2binArgs {
     /// Sign modules with this key (with --sign-cert), using the tree's scripts/sign-file.
     #[arg(long = "sign-key", requires = "sign_cert")]
     pub sign_key: Option<PathBuf>,
+    /// The X.509 certificate of --sign-key (PEM or DER).
     #[arg(long = "sign-cert", requires = "sign_key")]
     pub sign_cert: Option<PathBuf>,
     /// Maintainer field of the packages.
@@ -74,7 +75,7 @@ pub struct Dkms2binArgs {
         default_value = "kiln dkms2bin <dkms2bin@example.com>"
     )]
     pub maintainer: String,
-    /// Parent of the work root. [default: /var/tmp]
+    /// Parent of the work root.
     #[arg(long = "work-dir", default_value = "/var/tmp")]
     pub work_dir: PathBuf,
     /// Per-build timeout in seconds.
