@@ -1,3 +1,6 @@
+//! kiln-auth's unit tests: token files, bearer lookup, HMAC signing and its
+//! refusals, replay bounds, scopes and grants.
+
 use std::path::Path;
 
 use super::*;
