@@ -276,13 +276,12 @@ impl JobKind for CbtJobs {
         ctx: &JobContext,
         params: serde_json::Value,
     ) -> Result<serde_json::Value, JobError> {
-        let p: CbtParams = serde_json::from_value(params)
-            .map_err(|e| JobError::Failed(format!("bad job parameters: {e}")))?;
+        let p: CbtParams = kiln_engine::decode_params(params)?;
         let t0 = std::time::Instant::now();
         match self.compute(ctx, &p).await {
             Ok(mut r) => {
                 r.compute_seconds = t0.elapsed().as_secs_f64();
-                serde_json::to_value(r).map_err(|e| JobError::Failed(e.to_string()))
+                kiln_engine::encode_result(&r)
             }
             Err(CbtError::Cancelled) => Err(JobError::Cancelled),
             Err(e) => Err(JobError::Failed(e.to_string())),

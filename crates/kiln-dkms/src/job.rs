@@ -278,10 +278,9 @@ impl JobKind for DkmsJobs {
         ctx: &JobContext,
         params: serde_json::Value,
     ) -> Result<serde_json::Value, JobError> {
-        let p: DkmsParams = serde_json::from_value(params)
-            .map_err(|e| JobError::Failed(format!("bad job parameters: {e}")))?;
+        let p: DkmsParams = kiln_engine::decode_params(params)?;
         match self.run_job(ctx, &p).await {
-            Ok(r) => serde_json::to_value(r).map_err(|e| JobError::Failed(e.to_string())),
+            Ok(r) => kiln_engine::encode_result(&r),
             Err(e) if e.is_cancelled() => Err(JobError::Cancelled),
             Err(e) => Err(JobError::Failed(e.to_string())),
         }

@@ -52,6 +52,17 @@ impl From<kiln_exec::ExecError> for JobError {
     }
 }
 
+/// A job kind's parameters, decoded; a malformed document fails the job.
+pub fn decode_params<P: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<P, JobError> {
+    serde_json::from_value(v)
+        .map_err(|e| JobError::Failed(format!("malformed job parameters: {e}")))
+}
+
+/// A job kind's result, encoded for the store.
+pub fn encode_result<R: serde::Serialize>(r: &R) -> Result<serde_json::Value, JobError> {
+    serde_json::to_value(r).map_err(|e| JobError::Failed(format!("encoding the job result: {e}")))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error(transparent)]

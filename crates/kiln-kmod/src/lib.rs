@@ -460,10 +460,8 @@ impl JobKind for Kmod {
         ctx: &JobContext,
         params: serde_json::Value,
     ) -> Result<serde_json::Value, JobError> {
-        let p: KmodParams = serde_json::from_value(params)
-            .map_err(|e| JobError::Failed(format!("malformed job parameters: {e}")))?;
+        let p: KmodParams = kiln_engine::decode_params(params)?;
         tracing::info!(job_id = %ctx.id, kernel_version = %p.kernel_version, cache_key = %p.cache_key, "building kernel modules");
-        let r = self.build(ctx, &p).await?;
-        serde_json::to_value(r).map_err(|e| JobError::Failed(e.to_string()))
+        kiln_engine::encode_result(&self.build(ctx, &p).await?)
     }
 }
