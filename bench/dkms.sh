@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 FIX="${KILN_TEST_FIXTURES:-$PWD/target/kiln-fixtures}"
 [ -f "$FIX/ready" ] || { echo "run ./scripts/test.sh first (it prepares $FIX)"; exit 1; }
-command -v dkms >/dev/null || { apt-get update -qq && apt-get install -y -qq dkms >/dev/null; }
+command -v dkms >/dev/null || { apt-get update -qq && apt-get install -y -qq --no-install-recommends dkms >/dev/null; }
 ROUNDS="${ROUNDS:-3}"
 K=$(cat "$FIX/kver")
 OUT="$PWD/bench/out"; mkdir -p "$OUT"

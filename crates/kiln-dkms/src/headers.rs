@@ -80,28 +80,36 @@ fn shadow(tree: &Path, dst: &Path) -> Result<(PathBuf, Vec<PathBuf>), DkmsError>
     for line in mk.split_inclusive('\n') {
         let t = line.trim();
         if let Some(abs) = t.strip_prefix("include /").map(|p| format!("/{p}")) {
-            if !Path::new(&abs).is_file() {
-                if let Some(found) = tree
-                    .ancestors()
-                    .skip(1)
-                    .map(|a| a.join(abs.trim_start_matches('/')))
-                    .find(|c| c.is_file())
-                {
+            // The file next to the given tree wins over the host's: the
+            // `-common` half must come from the same place as the tree.
+            let local = tree.ancestors().skip(1).find_map(|a| {
+                let c = a.join(abs.trim_start_matches('/'));
+                (c.is_file() && c != Path::new(&abs)).then_some((a.to_path_buf(), c))
+            });
+            match local {
+                Some((root, found)) => {
                     out.push_str(&format!("include {}\n", found.display()));
+                    // The whole root: the tree's relative links (scripts,
+                    // tools) point into its siblings.
                     visible.extend(hidden_prefixes(&found));
-                    if let Some(r) = tree.ancestors().skip(1).find(|a| found.starts_with(a)) {
-                        visible.push(r.to_path_buf());
-                    }
+                    visible.push(root);
                     changed = true;
                     continue;
                 }
-            } else {
-                visible.extend(hidden_prefixes(Path::new(&abs)));
+                None => visible.extend(hidden_prefixes(Path::new(&abs))),
             }
         }
         out.push_str(line);
     }
     visible.push(tree.to_path_buf());
+    // Where the tree's own top-level links lead (Debian: linux-kbuild).
+    for e in std::fs::read_dir(tree).map_err(io(tree))?.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_symlink()) {
+            if let Ok(target) = std::fs::canonicalize(e.path()) {
+                visible.push(target);
+            }
+        }
+    }
     if !changed {
         return Ok((tree.to_path_buf(), visible));
     }

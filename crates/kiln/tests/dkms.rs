@@ -597,3 +597,56 @@ fn dkms_jobs_on_a_kiln_server() {
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
+
+/// A kernel whose .config asks for xz modules gets `.ko.xz` files that
+/// modinfo reads.
+#[test]
+fn modules_are_compressed_when_the_kernel_asks() {
+    let f = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sh(&format!(
+        "cp -a {root} {d}/root && sed -i 's/^CONFIG_MODULE_COMPRESS_NONE=y/# CONFIG_MODULE_COMPRESS_NONE is not set/; s/^# CONFIG_MODULE_COMPRESS_XZ is not set/CONFIG_MODULE_COMPRESS_XZ=y/' {d}/root/usr/src/linux-headers-{k}/.config && grep -q '^CONFIG_MODULE_COMPRESS_XZ=y' {d}/root/usr/src/linux-headers-{k}/.config",
+        root = f.root.display(),
+        d = d.display(),
+        k = f.kver
+    ));
+    let src = dkms_src(
+        d,
+        "xzmod",
+        "",
+        "BUILT_MODULE_NAME[0]=hello\nBUILT_MODULE_LOCATION[0]=src\nMAKE[0]=\"make -C ${kernel_source_dir} M=${dkms_tree}/xzmod/1.0/build/src modules\"",
+    );
+    let out = d.join("repo");
+    let headers = d.join(format!("root/usr/src/linux-headers-{}", f.kver));
+    let o = dkms2bin(&[
+        "--dkms",
+        src.to_str().unwrap(),
+        "--kver",
+        &f.kver,
+        "--headers",
+        headers.to_str().unwrap(),
+        "--out-dir",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let debs = debs(&out);
+    let kos = deb_kos(&debs[0]);
+    assert_eq!(
+        kos,
+        vec![format!("./lib/modules/{}/updates/dkms/hello.ko.xz", f.kver)]
+    );
+    let x = d.join("x");
+    sh(&format!(
+        "mkdir {x} && dpkg-deb -x '{}' {x}",
+        debs[0].display(),
+        x = x.display()
+    ));
+    let ko = x.join(&kos[0][2..]);
+    sh(&format!("xz -t '{}'", ko.display()));
+    let info = sh(&format!("modinfo '{}'", ko.display()));
+    assert!(
+        info.contains(&format!("vermagic:       {} ", f.kver)),
+        "{info}"
+    );
+}
