@@ -62,7 +62,9 @@ pub fn access(method: &Method, route: Option<&str>, metrics_auth: bool) -> Acces
             | "/api/v1/dkms/{job_id}/deb",
         ) => Need(Scope::Read),
         ("GET" | "HEAD", r)
-            if matches!(r, "/version" | "/api" | "/api/v1") || r.starts_with("/apis") =>
+            if matches!(r, "/version" | "/api" | "/api/v1")
+                || r.starts_with("/apis")
+                || r.starts_with("/openapi/") =>
         {
             Need(Scope::Read)
         }
@@ -330,6 +332,10 @@ mod tests {
                 false
             ),
             Access::Need(Scope::Write)
+        );
+        assert_eq!(
+            access(&get, Some("/openapi/v3"), false),
+            Access::Need(Scope::Read)
         );
         assert_eq!(
             access(&get, Some("/version"), false),
