@@ -1,6 +1,8 @@
 //! The one error type of the HTTP edge. Every failure becomes a status code
-//! and a JSON body `{"error": "...", "code": "..."}`; internal errors are
-//! logged in full and answered with a generic message, never their details.
+//! and a JSON body `{"error": "...", "code": "..."}`, or, for the
+//! Kubernetes-style API, a `Status` object (`reason`, `message`, `code`) that
+//! kubectl understands; internal errors are logged in full and answered with
+//! a generic message, never their details.
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -12,6 +14,8 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     extra: Option<serde_json::Value>,
+    /// Render as a Kubernetes `Status` with this reason.
+    k8s_reason: Option<&'static str>,
 }
 
 impl ApiError {
@@ -21,6 +25,7 @@ impl ApiError {
             code,
             message: message.into(),
             extra: None,
+            k8s_reason: None,
         }
     }
     pub fn bad_request(m: impl Into<String>) -> ApiError {
@@ -83,6 +88,27 @@ impl ApiError {
     pub fn unprocessable(code: &'static str, m: impl Into<String>) -> ApiError {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, m)
     }
+    /// A failure of the Kubernetes-style API, rendered as a `Status`.
+    pub(crate) fn k8s(status: StatusCode, reason: &'static str, m: impl Into<String>) -> ApiError {
+        let mut e = Self::new(status, "k8s", m);
+        e.k8s_reason = Some(reason);
+        e
+    }
+    /// The same error, rendered as a Kubernetes `Status`.
+    pub(crate) fn into_k8s(mut self) -> ApiError {
+        if self.k8s_reason.is_none() {
+            self.k8s_reason = Some(match self.status.as_u16() {
+                400 => "BadRequest",
+                401 => "Unauthorized",
+                403 => "Forbidden",
+                404 => "NotFound",
+                409 => "AlreadyExists",
+                422 => "Invalid",
+                _ => "InternalError",
+            });
+        }
+        self
+    }
     pub fn status_code(&self) -> StatusCode {
         self.status
     }
@@ -90,6 +116,14 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if let Some(reason) = self.k8s_reason {
+            let body = serde_json::json!({
+                "kind": "Status", "apiVersion": "v1", "metadata": {},
+                "status": "Failure", "message": self.message,
+                "reason": reason, "code": self.status.as_u16(),
+            });
+            return (self.status, Json(body)).into_response();
+        }
         let mut body = serde_json::json!({"error": self.message, "code": self.code});
         if let (Some(serde_json::Value::Object(extra)), Some(obj)) =
             (self.extra, body.as_object_mut())

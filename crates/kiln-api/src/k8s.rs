@@ -16,7 +16,7 @@ use kiln_store::Resource;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::AppState;
+use crate::{ApiError, AppState};
 
 pub const GROUP: &str = "cbt.storage.k8s.io";
 pub const VERSION: &str = "v1alpha1";
@@ -26,66 +26,37 @@ const SNAP: &str = "VolumeSnapshot";
 const DEFAULT_LIMIT: usize = 256;
 const MAX_LIMIT: usize = 10_000;
 
-/// A Kubernetes `Status` failure.
-#[derive(Debug)]
-pub struct K8sError {
-    code: StatusCode,
-    reason: &'static str,
-    message: String,
-}
+/// Constructors of the Kubernetes-style API's errors: [`ApiError`]s that
+/// render as `Status` objects.
+struct K8sError;
 
 impl K8sError {
-    fn new(code: StatusCode, reason: &'static str, message: impl Into<String>) -> K8sError {
-        K8sError {
-            code,
-            reason,
-            message: message.into(),
-        }
+    fn status(code: StatusCode, reason: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::k8s(code, reason, message)
     }
-    fn not_found(kind: &str, name: &str) -> K8sError {
-        Self::new(
+    fn not_found(kind: &str, name: &str) -> ApiError {
+        Self::status(
             StatusCode::NOT_FOUND,
             "NotFound",
             format!("{}.{GROUP} \"{name}\" not found", plural(kind)),
         )
     }
-    fn invalid(m: impl Into<String>) -> K8sError {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", m)
+    fn invalid(m: impl Into<String>) -> ApiError {
+        Self::status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", m)
     }
-    fn bad(m: impl Into<String>) -> K8sError {
-        Self::new(StatusCode::BAD_REQUEST, "BadRequest", m)
+    fn bad(m: impl Into<String>) -> ApiError {
+        Self::status(StatusCode::BAD_REQUEST, "BadRequest", m)
     }
-    fn forbidden(m: impl Into<String>) -> K8sError {
-        Self::new(StatusCode::FORBIDDEN, "Forbidden", m)
+    fn forbidden(m: impl Into<String>) -> ApiError {
+        Self::status(StatusCode::FORBIDDEN, "Forbidden", m)
     }
-    fn internal(e: impl std::fmt::Display) -> K8sError {
-        tracing::error!(error = %e, "internal error");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "InternalError",
-            "internal error; see the kiln log",
-        )
+    fn internal(e: impl std::fmt::Display) -> ApiError {
+        ApiError::internal(e).into_k8s()
     }
 }
 
-impl IntoResponse for K8sError {
-    fn into_response(self) -> Response {
-        (
-            self.code,
-            Json(json!({
-                "kind": "Status", "apiVersion": "v1", "metadata": {},
-                "status": "Failure", "message": self.message,
-                "reason": self.reason, "code": self.code.as_u16(),
-            })),
-        )
-            .into_response()
-    }
-}
-
-impl From<kiln_store::StoreError> for K8sError {
-    fn from(e: kiln_store::StoreError) -> Self {
-        K8sError::internal(e)
-    }
+fn store(e: kiln_store::StoreError) -> ApiError {
+    K8sError::internal(e)
 }
 
 fn plural(kind: &str) -> &'static str {
@@ -317,7 +288,7 @@ pub struct ListQuery {
     cont: Option<String>,
 }
 
-fn decode_list_continue(c: &str) -> Result<(String, String), K8sError> {
+fn decode_list_continue(c: &str) -> Result<(String, String), ApiError> {
     let raw = hex::decode(c)
         .ok()
         .and_then(|b| String::from_utf8(b).ok())
@@ -334,15 +305,19 @@ async fn list(
     kind: &'static str,
     ns: Option<&str>,
     q: &ListQuery,
-) -> Result<Json<Value>, K8sError> {
+) -> Result<Json<Value>, ApiError> {
     let limit = q.limit.filter(|l| *l > 0).unwrap_or(500).min(MAX_LIMIT);
     let after = q.cont.as_deref().map(decode_list_continue).transpose()?;
-    let rows = s.engine.db().list_resources(
-        kind,
-        ns,
-        after.as_ref().map(|(a, b)| (a.as_str(), b.as_str())),
-        limit + 1,
-    )?;
+    let rows = s
+        .engine
+        .db()
+        .list_resources(
+            kind,
+            ns,
+            after.as_ref().map(|(a, b)| (a.as_str(), b.as_str())),
+            limit + 1,
+        )
+        .map_err(store)?;
     let more = rows.len() > limit;
     let rows = &rows[..rows.len().min(limit)];
     let cont = more
@@ -368,26 +343,26 @@ pub async fn list_deltas(
     State(s): State<AppState>,
     Path(ns): Path<String>,
     Query(q): Query<ListQuery>,
-) -> Result<Json<Value>, K8sError> {
+) -> Result<Json<Value>, ApiError> {
     list(&s, DELTA, Some(&ns), &q).await
 }
 pub async fn list_all_deltas(
     State(s): State<AppState>,
     Query(q): Query<ListQuery>,
-) -> Result<Json<Value>, K8sError> {
+) -> Result<Json<Value>, ApiError> {
     list(&s, DELTA, None, &q).await
 }
 pub async fn list_snapshots(
     State(s): State<AppState>,
     Path(ns): Path<String>,
     Query(q): Query<ListQuery>,
-) -> Result<Json<Value>, K8sError> {
+) -> Result<Json<Value>, ApiError> {
     list(&s, SNAP, Some(&ns), &q).await
 }
 pub async fn list_all_snapshots(
     State(s): State<AppState>,
     Query(q): Query<ListQuery>,
-) -> Result<Json<Value>, K8sError> {
+) -> Result<Json<Value>, ApiError> {
     list(&s, SNAP, None, &q).await
 }
 
@@ -401,7 +376,7 @@ fn valid_name(n: &str) -> bool {
 }
 
 /// Common checks of a posted object; returns its name.
-fn check_object(body: &Value, kind: &str, ns: &str) -> Result<String, K8sError> {
+fn check_object(body: &Value, kind: &str, ns: &str) -> Result<String, ApiError> {
     if !valid_name(ns) {
         return Err(K8sError::invalid(format!("invalid namespace {ns:?}")));
     }
@@ -446,7 +421,7 @@ fn strict_fields(
     q: &CreateQuery,
     body: &Value,
     allowed: &[(&str, &[&str])],
-) -> Result<(), K8sError> {
+) -> Result<(), ApiError> {
     if !q
         .field_validation
         .as_deref()
@@ -484,7 +459,7 @@ fn stored(body: &Value, kiln: Value) -> Value {
     })
 }
 
-fn parse_body(bytes: &[u8]) -> Result<Value, K8sError> {
+fn parse_body(bytes: &[u8]) -> Result<Value, ApiError> {
     let v: Value = serde_json::from_slice(bytes)
         .map_err(|e| K8sError::bad(format!("the body is not a JSON object: {e}")))?;
     if !v.is_object() {
@@ -498,7 +473,7 @@ pub async fn create_snapshot(
     Path(ns): Path<String>,
     Query(q): Query<CreateQuery>,
     body: axum::body::Bytes,
-) -> Result<Response, K8sError> {
+) -> Result<Response, ApiError> {
     let body = parse_body(&body)?;
     let name = check_object(&body, SNAP, &ns)?;
     strict_fields(
@@ -539,9 +514,10 @@ pub async fn create_snapshot(
     let r = s
         .engine
         .db()
-        .create_resource(SNAP, &ns, &name, &uid, &stored(&body, kiln))?
+        .create_resource(SNAP, &ns, &name, &uid, &stored(&body, kiln))
+        .map_err(store)?
         .ok_or_else(|| {
-            K8sError::new(
+            K8sError::status(
                 StatusCode::CONFLICT,
                 "AlreadyExists",
                 format!("volumesnapshots.{GROUP} \"{name}\" already exists"),
@@ -551,28 +527,30 @@ pub async fn create_snapshot(
     Ok((StatusCode::CREATED, Json(snapshot_json(&r))).into_response())
 }
 
-fn snapshot(s: &AppState, ns: &str, name: &str) -> Result<Resource, K8sError> {
+fn snapshot(s: &AppState, ns: &str, name: &str) -> Result<Resource, ApiError> {
     s.engine
         .db()
-        .get_resource(SNAP, ns, name)?
+        .get_resource(SNAP, ns, name)
+        .map_err(store)?
         .ok_or_else(|| K8sError::not_found(SNAP, name))
 }
 
 pub async fn get_snapshot(
     State(s): State<AppState>,
     Path((ns, name)): Path<(String, String)>,
-) -> Result<Json<Value>, K8sError> {
+) -> Result<Json<Value>, ApiError> {
     Ok(Json(snapshot_json(&snapshot(&s, &ns, &name)?)))
 }
 
 pub async fn delete_snapshot(
     State(s): State<AppState>,
     Path((ns, name)): Path<(String, String)>,
-) -> Result<Json<Value>, K8sError> {
+) -> Result<Json<Value>, ApiError> {
     let r = s
         .engine
         .db()
-        .delete_resource(SNAP, &ns, &name)?
+        .delete_resource(SNAP, &ns, &name)
+        .map_err(store)?
         .ok_or_else(|| K8sError::not_found(SNAP, &name))?;
     Ok(Json(snapshot_json(&r)))
 }
@@ -582,7 +560,7 @@ pub async fn create_delta(
     Path(ns): Path<String>,
     Query(q): Query<CreateQuery>,
     body: axum::body::Bytes,
-) -> Result<Response, K8sError> {
+) -> Result<Response, ApiError> {
     let body = parse_body(&body)?;
     let name = check_object(&body, DELTA, &ns)?;
     strict_fields(
@@ -631,7 +609,7 @@ pub async fn create_delta(
     let base = snapshot(&s, &ns, base_name).map_err(|_| missing(base_name))?;
     let target = snapshot(&s, &ns, target_name).map_err(|_| missing(target_name))?;
     // The roots are checked again: they may have changed since the snapshots were made.
-    let path_of = |r: &Resource| -> Result<std::path::PathBuf, K8sError> {
+    let path_of = |r: &Resource| -> Result<std::path::PathBuf, ApiError> {
         let p = r.body["kiln"]["path"].as_str().unwrap_or_default();
         kiln_cbt::allowed_path(&s.cbt.roots, std::path::Path::new(p)).map_err(K8sError::forbidden)
     };
@@ -675,11 +653,11 @@ pub async fn create_delta(
         .engine
         .db()
         .create_resource(DELTA, &ns, &name, &uid, &stored(&body, kiln));
-    let r = match r? {
+    let r = match r.map_err(store)? {
         Some(r) => r,
         None => {
             let _ = s.engine.cancel(&job.id).await;
-            return Err(K8sError::new(
+            return Err(K8sError::status(
                 StatusCode::CONFLICT,
                 "AlreadyExists",
                 format!("volumesnapshotdeltas.{GROUP} \"{name}\" already exists"),
@@ -708,11 +686,12 @@ pub async fn get_delta(
     State(s): State<AppState>,
     Path((ns, name)): Path<(String, String)>,
     Query(q): Query<DeltaQuery>,
-) -> Result<Json<Value>, K8sError> {
+) -> Result<Json<Value>, ApiError> {
     let r = s
         .engine
         .db()
-        .get_resource(DELTA, &ns, &name)?
+        .get_resource(DELTA, &ns, &name)
+        .map_err(store)?
         .ok_or_else(|| K8sError::not_found(DELTA, &name))?;
     let (mut v, result) = delta_json(&s, &r);
     if !matches!(q.fetchcbd.as_deref(), Some("true" | "1" | "")) {
@@ -752,7 +731,7 @@ pub async fn get_delta(
     .map_err(K8sError::internal)?
     .map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            K8sError::new(
+            K8sError::status(
                 StatusCode::GONE,
                 "Gone",
                 "the delta's block list was evicted from the cache; delete and create the delta again",
@@ -791,11 +770,12 @@ pub async fn get_delta(
 pub async fn delete_delta(
     State(s): State<AppState>,
     Path((ns, name)): Path<(String, String)>,
-) -> Result<Json<Value>, K8sError> {
+) -> Result<Json<Value>, ApiError> {
     let r = s
         .engine
         .db()
-        .delete_resource(DELTA, &ns, &name)?
+        .delete_resource(DELTA, &ns, &name)
+        .map_err(store)?
         .ok_or_else(|| K8sError::not_found(DELTA, &name))?;
     let (v, _) = delta_json(&s, &r);
     if let Some(id) = r.body["kiln"]["job"].as_str().and_then(|j| j.parse().ok()) {
@@ -811,10 +791,10 @@ pub async fn delete_delta(
 pub async fn block(
     State(s): State<AppState>,
     Path((ns, name, token)): Path<(String, String, String)>,
-) -> Result<Response, K8sError> {
+) -> Result<Response, ApiError> {
     let t = s.cbt.key.verify(&token, now_unix()).map_err(|e| match e {
         TokenError::Expired => K8sError::forbidden("the data token has expired"),
-        e => K8sError::new(StatusCode::UNAUTHORIZED, "Unauthorized", e.to_string()),
+        e => K8sError::status(StatusCode::UNAUTHORIZED, "Unauthorized", e.to_string()),
     })?;
     let snap = snapshot(&s, &ns, &name)?;
     let (uid, bs) = t
@@ -822,7 +802,7 @@ pub async fn block(
         .rsplit_once('/')
         .and_then(|(u, b)| Some((u, b.parse::<u64>().ok()?)))
         .ok_or_else(|| {
-            K8sError::new(
+            K8sError::status(
                 StatusCode::UNAUTHORIZED,
                 "Unauthorized",
                 "invalid data token",
