@@ -6,7 +6,6 @@
 use axum::extract::{Multipart, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::Response;
-use kiln_core::{JobId, JobStatus};
 use kiln_dkms::{DkmsOutcome, DkmsResult};
 use kiln_store::Submitted;
 use serde::Deserialize;
@@ -121,24 +120,7 @@ pub async fn download(
     State(s): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id: JobId = id
-        .parse()
-        .map_err(|_| ApiError::not_found(format!("job {id:?} not found")))?;
-    let job = s
-        .engine
-        .get(&id)?
-        .filter(|j| j.kind == kiln_dkms::KIND)
-        .ok_or_else(|| ApiError::not_found(format!("dkms job {id} not found")))?;
-    if job.status != JobStatus::Completed {
-        return Err(
-            ApiError::bad_request(format!("job {id} is {}, not completed", job.status))
-                .with(serde_json::json!({"status": job.status})),
-        );
-    }
-    let r: DkmsResult = job
-        .result
-        .and_then(|r| serde_json::from_value(r).ok())
-        .ok_or_else(|| ApiError::not_found(format!("job {id} has no package")))?;
+    let (id, r): (_, DkmsResult) = crate::jobs::completed_result(&s, &id, kiln_dkms::KIND)?;
     let (Some(d), Some(name)) = (r.artifact, r.file_name) else {
         return Err(ApiError::not_found(format!(
             "job {id} built nothing: {}",

@@ -61,6 +61,34 @@ fn get_job(s: &AppState, id: &str) -> Result<JobRow, ApiError> {
     })
 }
 
+/// The typed result of a completed job of `kind`: 404 for an unknown job (or
+/// one of another kind), 400 while it is not completed.
+pub(crate) fn completed_result<R: serde::de::DeserializeOwned>(
+    s: &AppState,
+    id: &str,
+    kind: &str,
+) -> Result<(JobId, R), ApiError> {
+    let id: JobId = id
+        .parse()
+        .map_err(|_| ApiError::not_found(format!("job {id:?} not found")))?;
+    let job = s
+        .engine
+        .get(&id)?
+        .filter(|j| j.kind == kind)
+        .ok_or_else(|| ApiError::not_found(format!("{kind} job {id} not found")))?;
+    if job.status != JobStatus::Completed {
+        return Err(
+            ApiError::bad_request(format!("job {id} is {}, not completed", job.status))
+                .with(serde_json::json!({"status": job.status})),
+        );
+    }
+    let r = job
+        .result
+        .and_then(|r| serde_json::from_value(r).ok())
+        .ok_or_else(|| ApiError::not_found(format!("job {id} has no result")))?;
+    Ok((id, r))
+}
+
 /// The seed's status document, plus `kind`, `error`, `progress`, `attempts`.
 pub fn job_json(s: &AppState, j: &JobRow) -> serde_json::Value {
     let mut v = serde_json::json!({

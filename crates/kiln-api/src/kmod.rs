@@ -7,7 +7,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::StreamExt;
-use kiln_core::{JobId, JobStatus, KernelVersion};
+use kiln_core::{JobStatus, KernelVersion};
 use kiln_kmod::Outcome;
 use kiln_store::Submitted;
 use serde::Deserialize;
@@ -176,23 +176,8 @@ pub async fn download(
     State(s): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let id: JobId = id
-        .parse()
-        .map_err(|_| ApiError::not_found(format!("job {id:?} not found")))?;
-    let job = s
-        .engine
-        .get(&id)?
-        .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
-    if job.status != JobStatus::Completed {
-        return Err(
-            ApiError::bad_request(format!("job {id} is {}, not completed", job.status))
-                .with(serde_json::json!({"status": job.status})),
-        );
-    }
-    let r: kiln_kmod::KmodResult = job
-        .result
-        .and_then(|r| serde_json::from_value(r).ok())
-        .ok_or_else(|| ApiError::not_found(format!("job {id} has no module archive")))?;
+    let (id, r): (_, kiln_kmod::KmodResult) =
+        crate::jobs::completed_result(&s, &id, kiln_kmod::KIND)?;
     let path = s.kmod.cas().verify(&r.artifact).map_err(|e| {
         ApiError::not_found(format!(
             "the archive of job {id} is no longer in the cache ({e}); build again"

@@ -120,6 +120,18 @@ fn walk(s: &Server, name: &str, limit: usize) -> (Vec<u64>, Vec<(u64, String)>) 
     (by_offset, tokens)
 }
 
+/// A kiln server whose snapshot root is `vols`, plus `extra` flags.
+fn cbt_server(d: &Path, vols: &Path, extra: &[&str]) -> Server {
+    let mut args = vec![
+        "--snapshot-root",
+        vols.to_str().unwrap(),
+        "--drbd-dir",
+        "/nonexistent",
+    ];
+    args.extend_from_slice(extra);
+    Server::start(&d.join("srv"), &args)
+}
+
 /// POST an object as JSON; it must be created.
 fn create(s: &Server, kind: &str, body: &str) -> serde_json::Value {
     let (c, b) = curl(&[
@@ -164,15 +176,7 @@ fn qcow2_overlay_delta_via_kubectl_pages_and_block_data() {
     want.extend(m(10)..m(10) + 4);
     want.extend(m(40)..m(40) + 16);
     want.extend(m(50)..m(50) + 2);
-    let s = Server::start(
-        &d.join("srv"),
-        &[
-            "--snapshot-root",
-            vols.to_str().unwrap(),
-            "--drbd-dir",
-            "/nonexistent",
-        ],
-    );
+    let s = cbt_server(d, &vols, &[]);
     let kc = kubeconfig(d, &s);
     let objs = yaml_objects(
         &vols.join("base.qcow2").display().to_string(),
@@ -331,17 +335,7 @@ fn expired_tokens_are_refused() {
         "cd {v} && truncate -s 8M a.raw && cp a.raw b.raw && qemu-io -f raw -c 'write -P 0x5a 1M 4k' b.raw >/dev/null",
         v = vols.display()
     ));
-    let s = Server::start(
-        &d.join("srv"),
-        &[
-            "--snapshot-root",
-            vols.to_str().unwrap(),
-            "--cbt-token-ttl",
-            "1",
-            "--drbd-dir",
-            "/nonexistent",
-        ],
-    );
+    let s = cbt_server(d, &vols, &["--cbt-token-ttl", "1"]);
     let post = |kind: &str, body: String| create(&s, kind, &body);
     post(
         "volumesnapshots",
@@ -395,17 +389,7 @@ fn independent_file_and_loop_device() {
         }
     }
     let _guard = Detach(dev.clone());
-    let s = Server::start(
-        &d.join("srv"),
-        &[
-            "--snapshot-root",
-            vols.to_str().unwrap(),
-            "--snapshot-root",
-            &dev,
-            "--drbd-dir",
-            "/nonexistent",
-        ],
-    );
+    let s = cbt_server(d, &vols, &["--snapshot-root", &dev]);
     let post = |kind: &str, body: String| create(&s, kind, &body);
     post("volumesnapshots", format!("{{\"metadata\":{{\"name\":\"base\"}},\"spec\":{{\"source\":{{\"path\":\"{}/base.raw\"}}}}}}", vols.display()));
     let snap = post(
@@ -463,15 +447,7 @@ fn lvm_thin_delta_from_pool_metadata() {
         "cd {v} && truncate -s 8M meta.bin && thin_restore -i pool.xml -o meta.bin && truncate -s 2M lv1.raw lv2.raw",
         v = vols.display()
     ));
-    let s = Server::start(
-        &d.join("srv"),
-        &[
-            "--snapshot-root",
-            vols.to_str().unwrap(),
-            "--drbd-dir",
-            "/nonexistent",
-        ],
-    );
+    let s = cbt_server(d, &vols, &[]);
     let post = |kind: &str, body: String| create(&s, kind, &body);
     for (name, id) in [("lv1", 1), ("lv2", 2)] {
         post(
@@ -505,15 +481,7 @@ fn a_running_scan_reports_progress_and_is_cancelled_by_delete() {
         "cd {} && truncate -s 256G a.raw b.raw",
         vols.display()
     ));
-    let s = Server::start(
-        &d.join("srv"),
-        &[
-            "--snapshot-root",
-            vols.to_str().unwrap(),
-            "--drbd-dir",
-            "/nonexistent",
-        ],
-    );
+    let s = cbt_server(d, &vols, &[]);
     for n in ["a", "b"] {
         let (c, _) = curl(&["-X", "POST", "-H", "content-type: application/json", "-d",
             &format!("{{\"metadata\":{{\"name\":\"{n}\"}},\"spec\":{{\"source\":{{\"path\":\"{}/{n}.raw\"}}}}}}", vols.display()),
