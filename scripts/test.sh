@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 
 need=()
-for p in bubblewrap kmod make gcc git curl openssl bc flex bison libelf-dev dpkg-dev python3 ca-certificates lintian patch xz-utils binutils apt-utils qemu-utils kubectl thin-provisioning-tools; do
+for p in bubblewrap kmod make gcc git curl openssl bc flex bison libelf-dev dpkg-dev python3 ca-certificates lintian patch xz-utils binutils apt-utils qemu-utils kubectl thin-provisioning-tools lvm2 python3-venv util-linux; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -17,6 +17,14 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 command -v cargo >/dev/null || { echo "cargo is required (rustup)"; exit 1; }
+
+# S3 for the provisioning tests: moto in server mode, from PyPI, in a venv.
+VENV="${KILN_TEST_VENV:-/var/cache/kiln-test-venv}"
+if [ ! -x "$VENV/bin/moto_server" ]; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q 'moto[server]'
+fi
+export KILN_TEST_MOTO="$VENV/bin/moto_server"
 
 # Fixtures: Debian linux-headers for the newest 6.1.0-*-amd64, fetched with
 # apt-get download and unpacked with dpkg-deb -x, never installed.

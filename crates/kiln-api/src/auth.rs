@@ -59,6 +59,7 @@ pub fn access(method: &Method, route: Option<&str>, metrics_auth: bool) -> Acces
             | "/api/v1/jobs/{job_id}"
             | "/api/v1/jobs/{job_id}/logs"
             | "/api/v1/cache"
+            | "/api/v1/images"
             | "/api/v1/dkms/{job_id}/deb",
         ) => Need(Scope::Read),
         ("GET" | "HEAD", r)
@@ -73,7 +74,7 @@ pub fn access(method: &Method, route: Option<&str>, metrics_auth: bool) -> Acces
         {
             Need(Scope::Write)
         }
-        ("POST", "/api/v1/build" | "/api/v1/dkms")
+        ("POST", "/api/v1/build" | "/api/v1/dkms" | "/api/v1/provision")
         | ("DELETE", "/api/v1/jobs/{job_id}" | "/api/v1/cancel/{job_id}") => Need(Scope::Write),
         _ => Need(Scope::Admin),
     }

@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 
 use crate::{ApiError, AppState};
 
-fn rfc3339(ms: i64) -> String {
+pub(crate) fn rfc3339(ms: i64) -> String {
     OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .ok()
         .and_then(|t| {
@@ -143,6 +143,9 @@ pub fn job_json(s: &AppState, j: &JobRow) -> serde_json::Value {
             o.insert("result".into(), r.clone());
         }
     }
+    if j.kind == kiln_provision::KIND {
+        crate::provision::decorate(o, j);
+    }
     v
 }
 
@@ -153,7 +156,8 @@ pub async fn status(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let j = get_job(&s, &id)?;
-    let code = if j.status.is_terminal() {
+    // The provisioner's clients expect 200 in every state, as its seed did.
+    let code = if j.status.is_terminal() || j.kind == kiln_provision::KIND {
         StatusCode::OK
     } else {
         StatusCode::ACCEPTED

@@ -10,6 +10,7 @@ mod error;
 mod jobs;
 mod k8s;
 mod kmod;
+mod provision;
 mod tls;
 
 pub use audit::Audit;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub cbt_jobs: Arc<kiln_cbt::CbtJobs>,
     /// Snapshot roots, data-token key and lifetime.
     pub cbt: Arc<kiln_cbt::CbtConfig>,
+    /// Volume provisioning (the libvirt-volume-provisioner API).
+    pub provision: Arc<kiln_provision::ProvisionJobs>,
     /// `--maxbytesbody`.
     pub max_body: u64,
     pub version: &'static str,
@@ -69,6 +72,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/jobs/{job_id}/logs", get(jobs::logs))
         .route("/api/v1/cancel/{job_id}", delete(jobs::cancel))
         .route("/api/v1/cache", get(cache_usage).delete(cache_purge))
+        .route("/api/v1/provision", post(provision::provision))
+        .route("/api/v1/images", get(provision::images))
         .route("/version", get(k8s::version))
         .route("/api", get(k8s::api))
         .route("/api/v1", get(k8s::api_v1))
@@ -236,6 +241,11 @@ async fn observe(State(s): State<AppState>, req: Request, next: Next) -> Respons
         .metrics()
         .http_requests
         .with_label_values(&[method.as_str(), &route, &code])
+        .inc();
+    s.provision
+        .metrics()
+        .requests
+        .with_label_values(&[&route, method.as_str(), &code])
         .inc();
     tracing::info!(method = %method, route = %route, status = %code, ms = t.elapsed().as_millis() as u64, "request");
     resp

@@ -32,6 +32,16 @@ pub trait JobKind: Send + Sync + 'static {
         ctx: &JobContext,
         params: serde_json::Value,
     ) -> Result<serde_json::Value, JobError>;
+    /// This kind's own limit on jobs running at once. `None` shares the
+    /// engine's `concurrency` slots with the other unlimited kinds; `Some(n)`
+    /// gets n slots of its own, so slow volume jobs never starve builds.
+    fn concurrency(&self) -> Option<usize> {
+        None
+    }
+    /// This kind's own per-job timeout, instead of the engine's.
+    fn timeout(&self) -> Option<Duration> {
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +106,14 @@ impl JobContext {
         }
         self.log.info(&format!("stage: {stage} ({percent}%)"));
     }
+
+    /// Record a kind's own progress document (shown in status as is), without
+    /// a log line; callers rate-limit it.
+    pub fn report(&self, progress: &serde_json::Value) {
+        if let Err(e) = self.db.set_progress(&self.id, progress) {
+            tracing::warn!(error = %e, "recording progress");
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -116,6 +134,8 @@ pub struct Engine {
     cfg: EngineConfig,
     owner: String,
     running: Mutex<HashMap<JobId, CancellationToken>>,
+    /// Jobs running per kind; claims honour [`JobKind::concurrency`].
+    active: Mutex<HashMap<&'static str, usize>>,
     wake: tokio::sync::Notify,
     metrics: Arc<Metrics>,
 }
@@ -148,6 +168,7 @@ impl Engine {
             cfg,
             owner: format!("kiln-{}", uuid::Uuid::new_v4().simple()),
             running: Mutex::new(HashMap::new()),
+            active: Mutex::new(HashMap::new()),
             wake: tokio::sync::Notify::new(),
             metrics,
         }))
@@ -254,7 +275,8 @@ impl Engine {
             }
         }
         let mut set = tokio::task::JoinSet::new();
-        for n in 0..self.cfg.concurrency.max(1) {
+        let own: usize = self.kinds.values().filter_map(|k| k.concurrency()).sum();
+        for n in 0..self.cfg.concurrency.max(1) + own {
             let me = self.clone();
             let sd = shutdown.clone();
             set.spawn(async move { me.worker(n, sd).await });
@@ -262,22 +284,60 @@ impl Engine {
         Ok(set)
     }
 
+    /// Claim a job of a kind that has a free slot, and take the slot.
+    fn claim_slot(&self, owner: &str) -> Result<Option<JobRow>, StoreError> {
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        let shared: usize = self
+            .kinds
+            .values()
+            .filter(|k| k.concurrency().is_none())
+            .map(|k| active.get(k.kind()).copied().unwrap_or(0))
+            .sum();
+        let kinds: Vec<&str> = self
+            .kinds
+            .values()
+            .filter(|k| match k.concurrency() {
+                Some(n) => active.get(k.kind()).copied().unwrap_or(0) < n,
+                None => shared < self.cfg.concurrency.max(1),
+            })
+            .map(|k| k.kind())
+            .collect();
+        if kinds.is_empty() {
+            return Ok(None);
+        }
+        let job = self
+            .db
+            .claim(owner, &kinds, self.cfg.lease.as_millis() as i64)?;
+        if let Some(k) = job.as_ref().and_then(|j| self.kinds.get(j.kind.as_str())) {
+            *active.entry(k.kind()).or_default() += 1;
+        }
+        Ok(job)
+    }
+
+    fn release_slot(&self, kind: &str) {
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = active.get_mut(kind) {
+            *n = n.saturating_sub(1);
+        }
+        drop(active);
+        // A freed slot may let a waiting job of this kind start.
+        self.wake.notify_waiters();
+    }
+
     async fn worker(self: Arc<Self>, n: usize, shutdown: CancellationToken) {
-        let kinds: Vec<&str> = self.kinds.keys().copied().collect();
         let owner = format!("{}-{n}", self.owner);
         loop {
             if shutdown.is_cancelled() {
                 return;
             }
-            match self
-                .db
-                .claim(&owner, &kinds, self.cfg.lease.as_millis() as i64)
-            {
+            match self.claim_slot(&owner) {
                 Ok(Some(job)) => {
+                    let kind = job.kind.clone();
                     tokio::select! {
                         _ = self.execute(&owner, job) => {}
                         _ = shutdown.cancelled() => return,
                     }
+                    self.release_slot(&kind);
                 }
                 Ok(None) => {
                     tokio::select! {
@@ -330,10 +390,11 @@ impl Engine {
             tracing::info!(attempt = job.attempts, "job started");
             log.info(&format!("job {} ({}) started, attempt {}", job.id, kind.kind(), job.attempts));
             let heartbeat = self.heartbeat(&job.id, owner, &cancel);
+            let timeout = kind.timeout().unwrap_or(self.cfg.job_timeout);
             tokio::select! {
-                r = tokio::time::timeout(self.cfg.job_timeout, kind.run(&ctx, job.params.clone())) => match r {
+                r = tokio::time::timeout(timeout, kind.run(&ctx, job.params.clone())) => match r {
                     Ok(r) => r,
-                    Err(_) => Err(JobError::Failed(format!("timed out after {}s; the build was killed", self.cfg.job_timeout.as_secs()))),
+                    Err(_) => Err(JobError::Failed(format!("timed out after {}s; the job's processes were killed", timeout.as_secs()))),
                 },
                 _ = heartbeat => Err(JobError::Failed("lost the job's lease".into())),
             }

@@ -150,3 +150,82 @@ async fn follow_streams_until_the_job_ends() {
     assert!(text.contains("started"), "{text}");
     assert!(text.contains("job completed"), "{text}");
 }
+
+/// A kind with one slot of its own: its jobs run one at a time, while the
+/// shared slots keep serving the other kind.
+struct Serial;
+
+#[async_trait::async_trait]
+impl JobKind for Serial {
+    fn kind(&self) -> &'static str {
+        "serial"
+    }
+    fn concurrency(&self) -> Option<usize> {
+        Some(1)
+    }
+    async fn run(
+        &self,
+        ctx: &JobContext,
+        _: serde_json::Value,
+    ) -> Result<serde_json::Value, JobError> {
+        Cmd::new("sleep")
+            .arg("0.4")
+            .run(ctx.log.clone(), &ctx.cancel)
+            .await?;
+        Ok(serde_json::json!({}))
+    }
+}
+
+#[tokio::test]
+async fn a_kind_with_its_own_slots_runs_within_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = Arc::new(Db::open(&dir.path().join("db")).unwrap());
+    let e = Engine::new(
+        db,
+        EngineConfig {
+            concurrency: 1,
+            job_timeout: Duration::from_secs(10),
+            lease: Duration::from_secs(30),
+            work_dir: dir.path().join("work"),
+            log_dir: dir.path().join("logs"),
+            keep_workdir: false,
+            max_attempts: 3,
+        },
+        vec![Arc::new(Sleeper), Arc::new(Serial)],
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    let _workers = e.start(CancellationToken::new()).unwrap();
+    let serial: Vec<JobRow> = (0..3)
+        .map(|i| {
+            created(
+                e.submit(
+                    "serial",
+                    &format!("s{i}"),
+                    &serde_json::json!({}),
+                    None,
+                    false,
+                )
+                .unwrap(),
+            )
+        })
+        .collect();
+    let sleeper = created(
+        e.submit("sleep", "x", &serde_json::json!({"secs": 0.1}), None, false)
+            .unwrap(),
+    );
+    // The other kind is not held up behind the serial queue.
+    let j = wait_terminal(&e, &sleeper.id).await;
+    assert_eq!(j.status, JobStatus::Completed);
+    let mut spans = vec![];
+    for s in &serial {
+        let j = wait_terminal(&e, &s.id).await;
+        assert_eq!(j.status, JobStatus::Completed);
+        spans.push((j.started_at.unwrap(), j.finished_at.unwrap()));
+    }
+    assert!(j.finished_at.unwrap() < spans.iter().map(|s| s.1).max().unwrap());
+    spans.sort();
+    for w in spans.windows(2) {
+        assert!(w[0].1 <= w[1].0, "serial jobs overlapped: {spans:?}");
+    }
+}

@@ -342,14 +342,9 @@ async fn pump<R: AsyncRead + Unpin>(
     let Some(r) = r else { return Ok(()) };
     let mut r = BufReader::new(r);
     let mut buf = Vec::with_capacity(256);
-    loop {
-        buf.clear();
-        if r.read_until(b'\n', &mut buf).await? == 0 {
-            return Ok(());
-        }
-        let line = String::from_utf8_lossy(&buf);
-        let line = line.trim_end_matches(['\n', '\r']);
-        sink.line(stream, line);
+    let emit = |buf: &mut Vec<u8>| {
+        let line = String::from_utf8_lossy(buf);
+        sink.line(stream, &line);
         if let Some(t) = &tail {
             let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
             if t.len() == tail_lines {
@@ -357,6 +352,37 @@ async fn pump<R: AsyncRead + Unpin>(
             }
             t.push_back(line.chars().take(500).collect());
         }
+        buf.clear();
+    };
+    // Lines end at `\n` or at a lone `\r`: progress meters (`qemu-img -p`)
+    // redraw one line with `\r`, and each redraw is a line to the sink.
+    let mut after_cr = false;
+    loop {
+        let chunk = r.fill_buf().await?;
+        if chunk.is_empty() {
+            if !buf.is_empty() {
+                emit(&mut buf);
+            }
+            return Ok(());
+        }
+        let n = chunk.len();
+        for &b in chunk {
+            match b {
+                b'\n' if after_cr => after_cr = false,
+                b'\n' | b'\r' => {
+                    after_cr = b == b'\r';
+                    emit(&mut buf);
+                }
+                _ => {
+                    after_cr = false;
+                    buf.push(b);
+                    if buf.len() >= 64 << 10 {
+                        emit(&mut buf);
+                    }
+                }
+            }
+        }
+        r.consume(n);
     }
 }
 
@@ -394,6 +420,17 @@ mod tests {
             }
             other => panic!("{other}"),
         }
+    }
+
+    #[tokio::test]
+    async fn carriage_returns_end_lines_like_newlines() {
+        let sink = Arc::new(CaptureSink::default());
+        Cmd::new("printf")
+            .arg("a\\r(1/100%%)\\r(50/100%%)\\r\\nb\\r\\nc")
+            .run(sink.clone(), &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(sink.stdout(), "a\n(1/100%)\n(50/100%)\nb\nc\n");
     }
 
     /// Alive and not a zombie (a killed orphan may wait a while for its reaper).

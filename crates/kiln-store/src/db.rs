@@ -70,6 +70,30 @@ pub struct Artifact {
     pub job_id: Option<JobId>,
 }
 
+/// A VM image in the image cache (the file is `Cas::path(digest)` of the
+/// image cache's own store). `size` and `mtime_ns` are recorded when the
+/// verified file enters the cache; a file that no longer matches them is not
+/// trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRow {
+    pub digest: Digest,
+    pub size: u64,
+    pub mtime_ns: i64,
+    /// `qcow2` or `raw`, as checked when it entered the cache.
+    pub format: String,
+    /// The URL it was first downloaded from.
+    pub source: String,
+    pub last_used: i64,
+}
+
+/// What a URL served last time, for sources without a `.sha256` sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageUrl {
+    pub digest: Digest,
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+}
+
 /// A stored API object (kiln-api gives it its Kubernetes shape).
 #[derive(Debug, Clone)]
 pub struct Resource {
@@ -135,6 +159,23 @@ CREATE TABLE IF NOT EXISTS aliases (
     alias TEXT NOT NULL,
     key TEXT NOT NULL,
     PRIMARY KEY (kind, alias)
+);
+CREATE TABLE IF NOT EXISTS images (
+    digest TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    format TEXT NOT NULL,
+    source TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    last_used INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_lru ON images(last_used);
+CREATE TABLE IF NOT EXISTS image_urls (
+    url TEXT PRIMARY KEY,
+    digest TEXT NOT NULL,
+    etag TEXT,
+    last_modified TEXT,
+    checked_at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS resources (
     kind TEXT NOT NULL,
@@ -661,6 +702,100 @@ impl Db {
             victims.into_iter().map(|d| parse(d, "digest")).collect()
         })
     }
+}
+
+impl Db {
+    // ---- image cache index ----------------------------------------------
+
+    pub fn image(&self, d: &Digest) -> Result<Option<ImageRow>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT digest, size, mtime_ns, format, source, last_used FROM images WHERE digest = ?1",
+                params![d.hex()],
+                image_row,
+            )
+            .optional()
+        })
+    }
+
+    pub fn put_image(&self, row: &ImageRow) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO images (digest, size, mtime_ns, format, source, created_at, last_used)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+                params![row.digest.hex(), row.size as i64, row.mtime_ns, row.format, row.source, now_ms()],
+            )
+        })?;
+        Ok(())
+    }
+
+    pub fn touch_image(&self, d: &Digest) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE images SET last_used = ?2 WHERE digest = ?1",
+                params![d.hex(), now_ms()],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Forget an image (and the URLs that pointed at it).
+    pub fn drop_image(&self, d: &Digest) -> Result<()> {
+        self.with(|c| {
+            c.execute("DELETE FROM image_urls WHERE digest = ?1", params![d.hex()])?;
+            c.execute("DELETE FROM images WHERE digest = ?1", params![d.hex()])
+        })?;
+        Ok(())
+    }
+
+    /// Every cached image, least recently used first.
+    pub fn images_lru(&self) -> Result<Vec<ImageRow>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT digest, size, mtime_ns, format, source, last_used FROM images ORDER BY last_used, digest",
+            )?;
+            let rows = st.query_map([], image_row)?;
+            rows.collect()
+        })
+    }
+
+    pub fn image_url(&self, url: &str) -> Result<Option<ImageUrl>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT digest, etag, last_modified FROM image_urls WHERE url = ?1",
+                params![url],
+                |r| {
+                    Ok(ImageUrl {
+                        digest: parse(r.get(0)?, "digest")?,
+                        etag: r.get(1)?,
+                        last_modified: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+        })
+    }
+
+    pub fn put_image_url(&self, url: &str, u: &ImageUrl) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO image_urls (url, digest, etag, last_modified, checked_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![url, u.digest.hex(), u.etag, u.last_modified, now_ms()],
+            )
+        })?;
+        Ok(())
+    }
+}
+
+fn image_row(r: &Row<'_>) -> rusqlite::Result<ImageRow> {
+    Ok(ImageRow {
+        digest: parse(r.get(0)?, "digest")?,
+        size: r.get::<_, i64>(1)? as u64,
+        mtime_ns: r.get(2)?,
+        format: r.get(3)?,
+        source: r.get(4)?,
+        last_used: r.get(5)?,
+    })
 }
 
 #[cfg(test)]

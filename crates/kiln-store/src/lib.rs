@@ -7,7 +7,7 @@ mod cas;
 mod db;
 
 pub use cas::{Cas, TempBlob};
-pub use db::{now_ms, Artifact, Db, JobFilter, JobRow, Resource, Submitted};
+pub use db::{now_ms, Artifact, Db, ImageRow, ImageUrl, JobFilter, JobRow, Resource, Submitted};
 
 use std::path::PathBuf;
 

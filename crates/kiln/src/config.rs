@@ -34,6 +34,32 @@ pub enum Command {
     Logs(LogsArgs),
     /// Rebuild DKMS packages into binary kernel-module .deb packages and an apt repository.
     Dkms2bin(Dkms2binArgs),
+    /// Provision a VM volume from an image (client): submit, show progress, wait.
+    Provision(ProvisionArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ProvisionArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The image: http(s)://… or s3://bucket/key (a `.sha256` next to it is its checksum).
+    #[arg(long = "image-url")]
+    pub image_url: String,
+    /// The volume to create or reuse (an LV, file or device name).
+    #[arg(long = "volume-name")]
+    pub volume_name: String,
+    /// Volume size in GiB.
+    #[arg(long = "size-gb")]
+    pub size_gb: u64,
+    /// qcow2 or raw.
+    #[arg(long = "image-type", default_value = "qcow2")]
+    pub image_type: String,
+    /// Echoed back in the job's status.
+    #[arg(long = "correlation-id")]
+    pub correlation_id: Option<String>,
+    /// Print the job id and exit instead of waiting.
+    #[arg(long = "no-wait")]
+    pub no_wait: bool,
 }
 
 #[derive(Debug, Args)]
@@ -207,6 +233,64 @@ pub struct ServeArgs {
     /// Lifetime of changed-block data tokens, in seconds. [default: 10800]
     #[arg(long = "cbt-token-ttl", env = "KILN_CBT_TOKEN_TTL")]
     pub cbt_token_ttl: Option<u64>,
+    /// Listen port, as the volume provisioner took it (used when --addr is not given).
+    #[arg(long, env = "PORT")]
+    pub port: Option<u16>,
+    /// Listen host, as the volume provisioner took it (with PORT; default all interfaces).
+    #[arg(long, env = "HOST")]
+    pub host: Option<String>,
+    /// Where VM images are cached (kept as downloaded, named by SHA-256).
+    /// [default: /var/lib/libvirt/images]
+    #[arg(long = "image-cache-dir", env = "KILN_IMAGE_CACHE_DIR")]
+    pub image_cache_dir: Option<PathBuf>,
+    /// Image cache size cap in bytes; least recently used images not in use
+    /// are evicted. [default: 100 GiB]
+    #[arg(long = "image-cache-max-bytes", env = "KILN_IMAGE_CACHE_MAX_BYTES")]
+    pub image_cache_max_bytes: Option<u64>,
+    /// lvm, dir or device. [default: lvm with LVM_VOLUME_GROUP, else dir
+    /// with --volume-dir, else device with --device-dir]
+    #[arg(long = "volume-backend", env = "KILN_VOLUME_BACKEND")]
+    pub volume_backend: Option<String>,
+    /// Volume group of the lvm backend (`/dev/VG/NAME`).
+    #[arg(long = "lvm-volume-group", env = "LVM_VOLUME_GROUP")]
+    pub lvm_volume_group: Option<String>,
+    /// Only change LVM metadata (`--driverloaded n`, LVs never activated):
+    /// for hosts without device-mapper, such as CI; writing volumes then fails.
+    #[arg(long = "lvm-metadata-only", env = "KILN_LVM_METADATA_ONLY", num_args = 0..=1, default_missing_value = "true")]
+    pub lvm_metadata_only: Option<bool>,
+    /// Directory of raw volume files (the dir backend).
+    #[arg(long = "volume-dir", env = "KILN_VOLUME_DIR")]
+    pub volume_dir: Option<PathBuf>,
+    /// Directory of existing block devices or links to them (the device backend).
+    #[arg(long = "device-dir", env = "KILN_DEVICE_DIR")]
+    pub device_dir: Option<PathBuf>,
+    /// S3/MinIO endpoint for s3:// image URLs and URLs on its host.
+    #[arg(long = "minio-endpoint", env = "MINIO_ENDPOINT")]
+    pub minio_endpoint: Option<String>,
+    #[arg(
+        long = "minio-access-key",
+        env = "MINIO_ACCESS_KEY",
+        hide_env_values = true
+    )]
+    pub minio_access_key: Option<String>,
+    #[arg(
+        long = "minio-secret-key",
+        env = "MINIO_SECRET_KEY",
+        hide_env_values = true
+    )]
+    pub minio_secret_key: Option<String>,
+    /// S3 region to sign for. [default: us-east-1]
+    #[arg(long = "minio-region", env = "MINIO_REGION")]
+    pub minio_region: Option<String>,
+    /// Provisioning jobs run at once. [default: 2]
+    #[arg(long = "provision-concurrency", env = "KILN_PROVISION_CONCURRENCY")]
+    pub provision_concurrency: Option<usize>,
+    /// Per provisioning job timeout in seconds. [default: 7200]
+    #[arg(long = "provision-timeout", env = "KILN_PROVISION_TIMEOUT")]
+    pub provision_timeout: Option<u64>,
+    /// Attempts per image download (resumed with Range). [default: 5]
+    #[arg(long = "download-attempts", env = "KILN_DOWNLOAD_ATTEMPTS")]
+    pub download_attempts: Option<u32>,
 }
 
 /// Who may call kiln, as configured.
@@ -247,6 +331,9 @@ pub struct ServeConfig {
     pub audit_log: PathBuf,
     pub snapshot_roots: Vec<PathBuf>,
     pub cbt_token_ttl: u64,
+    pub image_cache_dir: PathBuf,
+    pub image_cache_max_bytes: u64,
+    pub provision: kiln_provision::ProvisionConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -277,7 +364,17 @@ impl ServeArgs {
             }
             None => ServeArgs::default(),
         };
-        let addr = parse_addr(&self.addr.or(file.addr).unwrap_or_else(|| ":2021".into()))?;
+        // --addr (KILN_ADDR) wins; then the provisioner's HOST/PORT; then the file.
+        let addr = match (self.addr, self.host, self.port) {
+            (Some(a), _, _) => parse_addr(&a)?,
+            (None, host, Some(port)) => host_port(host.as_deref(), port)?,
+            (None, Some(_), None) => bail!("HOST (--host) needs PORT (--port)"),
+            (None, None, None) => match (file.addr, file.port) {
+                (Some(a), _) => parse_addr(&a)?,
+                (None, Some(port)) => host_port(file.host.as_deref(), port)?,
+                (None, None) => parse_addr(":2021")?,
+            },
+        };
         let version = self
             .drbd_version
             .or(file.drbd_version)
@@ -408,7 +505,134 @@ impl ServeArgs {
         if cbt_token_ttl == 0 {
             bail!("--cbt-token-ttl must be positive");
         }
+        let provision = {
+            let vg = self
+                .lvm_volume_group
+                .or(file.lvm_volume_group)
+                .filter(|v| !v.is_empty());
+            let vdir = self.volume_dir.or(file.volume_dir);
+            let ddir = self.device_dir.or(file.device_dir);
+            let metadata_only = self
+                .lvm_metadata_only
+                .or(file.lvm_metadata_only)
+                .unwrap_or(false);
+            let choice = self.volume_backend.or(file.volume_backend);
+            let lvm = |vg: String| -> Result<kiln_provision::Backend> {
+                kiln_provision::validate_name(&vg)
+                    .map_err(|e| anyhow::anyhow!("LVM_VOLUME_GROUP: {e}"))?;
+                Ok(kiln_provision::Backend::Lvm { vg, metadata_only })
+            };
+            let backend = match choice.as_deref() {
+                Some("lvm") => Some(lvm(vg.context(
+                    "--volume-backend lvm needs LVM_VOLUME_GROUP (--lvm-volume-group)",
+                )?)?),
+                Some("dir") => Some(kiln_provision::Backend::Dir(
+                    vdir.clone()
+                        .context("--volume-backend dir needs --volume-dir")?,
+                )),
+                Some("device") => Some(kiln_provision::Backend::Device(
+                    ddir.clone()
+                        .context("--volume-backend device needs --device-dir")?,
+                )),
+                Some(o) => bail!("invalid --volume-backend {o:?}: lvm, dir or device"),
+                None => match (vg, &vdir, &ddir) {
+                    (Some(vg), _, _) => Some(lvm(vg)?),
+                    (None, Some(d), _) => Some(kiln_provision::Backend::Dir(d.clone())),
+                    (None, None, Some(d)) => Some(kiln_provision::Backend::Device(d.clone())),
+                    (None, None, None) => None,
+                },
+            };
+            for d in [&vdir, &ddir].into_iter().flatten() {
+                if !d.is_absolute() {
+                    bail!(
+                        "--volume-dir/--device-dir {} must be an absolute path",
+                        d.display()
+                    );
+                }
+            }
+            let s3 = match self
+                .minio_endpoint
+                .or(file.minio_endpoint)
+                .filter(|e| !e.is_empty())
+            {
+                None => None,
+                Some(ep) => {
+                    let endpoint = url::Url::parse(&ep)
+                        .with_context(|| format!("invalid MINIO_ENDPOINT {ep:?}"))?;
+                    if !matches!(endpoint.scheme(), "http" | "https") {
+                        bail!("MINIO_ENDPOINT {ep:?} must be an http(s) URL");
+                    }
+                    let access_key = self
+                        .minio_access_key
+                        .or(file.minio_access_key)
+                        .context("MINIO_ENDPOINT needs MINIO_ACCESS_KEY")?;
+                    let secret_key = self
+                        .minio_secret_key
+                        .or(file.minio_secret_key)
+                        .context("MINIO_ENDPOINT needs MINIO_SECRET_KEY")?;
+                    Some(kiln_provision::S3Settings {
+                        endpoint,
+                        access_key,
+                        secret_key,
+                        region: self
+                            .minio_region
+                            .or(file.minio_region)
+                            .unwrap_or_else(|| "us-east-1".into()),
+                    })
+                }
+            };
+            let concurrency = self
+                .provision_concurrency
+                .or(file.provision_concurrency)
+                .unwrap_or(2);
+            if concurrency == 0 {
+                bail!("--provision-concurrency must be at least 1");
+            }
+            let attempts = self
+                .download_attempts
+                .or(file.download_attempts)
+                .unwrap_or(5);
+            if attempts == 0 {
+                bail!("--download-attempts must be at least 1");
+            }
+            kiln_provision::ProvisionConfig {
+                backend,
+                s3,
+                concurrency,
+                timeout: Duration::from_secs(
+                    self.provision_timeout
+                        .or(file.provision_timeout)
+                        .unwrap_or(7200)
+                        .max(1),
+                ),
+                download_attempts: attempts,
+                tool_timeout: Duration::from_secs(600),
+            }
+        };
+        // kiln's own volumes can always be snapshotted (issue: CBT on
+        // provisioned volumes): the backend's directory is a snapshot root.
+        let mut snapshot_roots = snapshot_roots;
+        if let Some(b) = &provision.backend {
+            let root = match b {
+                kiln_provision::Backend::Lvm { vg, .. } => Path::new("/dev").join(vg),
+                kiln_provision::Backend::Dir(d) | kiln_provision::Backend::Device(d) => d.clone(),
+            };
+            if !snapshot_roots.contains(&root) {
+                snapshot_roots.push(root);
+            }
+        }
+        let image_cache_dir = self
+            .image_cache_dir
+            .or(file.image_cache_dir)
+            .unwrap_or_else(|| "/var/lib/libvirt/images".into());
+        let image_cache_max_bytes = self
+            .image_cache_max_bytes
+            .or(file.image_cache_max_bytes)
+            .unwrap_or(100 << 30);
         Ok(ServeConfig {
+            image_cache_dir,
+            image_cache_max_bytes,
+            provision,
             snapshot_roots,
             cbt_token_ttl,
             auth,
@@ -508,6 +732,18 @@ pub struct LogsArgs {
     pub follow: bool,
 }
 
+/// `HOST` and `PORT` as the volume provisioner took them; HOST may be a name.
+fn host_port(host: Option<&str>, port: u16) -> Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let host = host.filter(|h| !h.is_empty()).unwrap_or("0.0.0.0");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (host, port)
+        .to_socket_addrs()
+        .with_context(|| format!("invalid HOST {host:?}"))?
+        .next()
+        .with_context(|| format!("HOST {host:?} resolves to no address"))
+}
+
 pub fn ensure_dir(p: &Path, what: &str) -> Result<()> {
     std::fs::create_dir_all(p).with_context(|| format!("creating {what} {}", p.display()))
 }
@@ -553,6 +789,71 @@ mod tests {
         assert_eq!(c.max_body, 9);
         assert_eq!(c.data_dir, PathBuf::from("/srv/c/state"));
         assert!(matches!(c.source, SourceChoice::Dir(ref p) if p == Path::new("/drbd")));
+    }
+
+    fn serve(args: &[&str]) -> Result<ServeConfig> {
+        let mut all = vec!["kiln", "serve"];
+        all.extend_from_slice(args);
+        let Cli {
+            command: Command::Serve(a),
+        } = Cli::parse_from(all)
+        else {
+            panic!()
+        };
+        a.resolve()
+    }
+
+    #[test]
+    fn provisioner_settings() {
+        // The seed's HOST/PORT when --addr is absent; --addr wins.
+        let c = serve(&["--host", "127.0.0.1", "--port", "8080"]).unwrap();
+        assert_eq!(c.addr.to_string(), "127.0.0.1:8080");
+        let c = serve(&["--addr", ":9", "--port", "8080"]).unwrap();
+        assert_eq!(c.addr.to_string(), "0.0.0.0:9");
+        assert!(serve(&["--host", "127.0.0.1"]).is_err());
+        // The backend follows what is configured, and its directory becomes a snapshot root.
+        let c = serve(&["--lvm-volume-group", "vg0", "--volume-dir", "/srv/v"]).unwrap();
+        assert_eq!(
+            c.provision.backend,
+            Some(kiln_provision::Backend::Lvm {
+                vg: "vg0".into(),
+                metadata_only: false
+            })
+        );
+        assert!(c.snapshot_roots.contains(&PathBuf::from("/dev/vg0")));
+        let c = serve(&[
+            "--volume-backend",
+            "dir",
+            "--lvm-volume-group",
+            "vg0",
+            "--volume-dir",
+            "/srv/v",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.provision.backend,
+            Some(kiln_provision::Backend::Dir("/srv/v".into()))
+        );
+        assert_eq!(serve(&[]).unwrap().provision.backend, None);
+        assert!(serve(&["--volume-backend", "lvm"]).is_err());
+        assert!(serve(&["--lvm-volume-group", "../x"]).is_err());
+        assert!(serve(&["--volume-dir", "rel/dir"]).is_err());
+        assert!(
+            serve(&["--minio-endpoint", "http://127.0.0.1:9000"]).is_err(),
+            "keys are required"
+        );
+        let c = serve(&[
+            "--minio-endpoint",
+            "http://127.0.0.1:9000",
+            "--minio-access-key",
+            "a",
+            "--minio-secret-key",
+            "b",
+        ])
+        .unwrap();
+        assert_eq!(c.provision.s3.unwrap().region, "us-east-1");
+        assert_eq!(c.provision.concurrency, 2);
+        assert!(serve(&["--provision-concurrency", "0"]).is_err());
     }
 
     #[test]

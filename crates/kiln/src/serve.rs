@@ -163,6 +163,29 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             tracing::warn!(root = %r.display(), "snapshot root does not exist (yet)");
         }
     }
+    let provision = {
+        let dir = &cfg.image_cache_dir;
+        ensure_dir(dir, "image cache dir")?;
+        let cache = kiln_provision::ImageCache::open(dir, db.clone(), cfg.image_cache_max_bytes)
+            .with_context(|| format!("opening the image cache {}", dir.display()))?;
+        let m = kiln_provision::ProvisionMetrics::register(&metrics.registry)
+            .context("registering the provisioner's metrics")?;
+        match &cfg.provision.backend {
+            Some(b) => tracing::info!(backend = %b.describe(), image_cache = %dir.display(), concurrency = cfg.provision.concurrency, "volume provisioning enabled"),
+            None => tracing::info!("volume provisioning disabled: set LVM_VOLUME_GROUP, --volume-dir or --device-dir to enable it"),
+        }
+        if let Some(kiln_provision::Backend::Lvm {
+            metadata_only: true,
+            ..
+        }) = &cfg.provision.backend
+        {
+            tracing::warn!("--lvm-metadata-only: LVs are never activated, so provisioning them cannot complete");
+        }
+        Arc::new(
+            kiln_provision::ProvisionJobs::new(cfg.provision.clone(), Arc::new(cache), m)
+                .context("building the image download client")?,
+        )
+    };
     let engine = Engine::new(
         db,
         EngineConfig {
@@ -174,7 +197,12 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             keep_workdir: cfg.keep_tmpdir,
             max_attempts: 3,
         },
-        vec![kmod.clone(), dkms.clone(), cbt_jobs.clone()],
+        vec![
+            kmod.clone(),
+            dkms.clone(),
+            cbt_jobs.clone(),
+            provision.clone(),
+        ],
         metrics,
     )?;
 
@@ -212,6 +240,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         dkms,
         cbt_jobs,
         cbt,
+        provision,
         max_body: cfg.max_body,
         version: env!("CARGO_PKG_VERSION"),
         auth,
