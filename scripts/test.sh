@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 
 need=()
-for p in bubblewrap kmod make gcc git curl openssl bc flex bison libelf-dev dpkg-dev python3 ca-certificates lintian patch xz-utils binutils apt-utils qemu-utils kubectl thin-provisioning-tools lvm2 python3-venv util-linux; do
+for p in bubblewrap kmod make gcc git curl openssl bc flex bison libelf-dev dpkg-dev python3 ca-certificates lintian patch xz-utils binutils apt-utils qemu-utils kubectl thin-provisioning-tools lvm2 python3-venv util-linux buildah skopeo docker-registry busybox-static; do
   dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

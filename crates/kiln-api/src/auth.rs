@@ -46,7 +46,7 @@ pub fn access(method: &Method, route: Option<&str>, metrics_auth: bool) -> Acces
         return Need(Scope::Read);
     };
     match (method.as_str(), route) {
-        (_, "/health" | "/healthz" | "/livez" | "/readyz" | "/api/v1/hello") => Open,
+        (_, "/health" | "/healthz" | "/livez" | "/readyz" | "/api/v1/hello" | "/octhc") => Open,
         (_, "/metrics") if !metrics_auth => Open,
         ("GET", "/api/v1/whoami") => Authenticated,
         ("GET" | "HEAD", "/metrics") => Need(Scope::Read),
@@ -60,7 +60,9 @@ pub fn access(method: &Method, route: Option<&str>, metrics_auth: bool) -> Acces
             | "/api/v1/jobs/{job_id}/logs"
             | "/api/v1/cache"
             | "/api/v1/images"
-            | "/api/v1/dkms/{job_id}/deb",
+            | "/api/v1/dkms/{job_id}/deb"
+            | "/{key}"
+            | "/{key}/{number}/logs",
         ) => Need(Scope::Read),
         ("GET" | "HEAD", r)
             if matches!(r, "/version" | "/api" | "/api/v1")
@@ -74,7 +76,8 @@ pub fn access(method: &Method, route: Option<&str>, metrics_auth: bool) -> Acces
         {
             Need(Scope::Write)
         }
-        ("POST", "/api/v1/build" | "/api/v1/dkms" | "/api/v1/provision")
+        ("POST", "/api/v1/build" | "/api/v1/dkms" | "/api/v1/provision" | "/")
+        | ("DELETE", "/{key}" | "/{key}/{number}")
         | ("DELETE", "/api/v1/jobs/{job_id}" | "/api/v1/cancel/{job_id}") => Need(Scope::Write),
         _ => Need(Scope::Admin),
     }

@@ -146,6 +146,18 @@ pub fn job_json(s: &AppState, j: &JobRow) -> serde_json::Value {
     if j.kind == kiln_provision::KIND {
         crate::provision::decorate(o, j);
     }
+    if j.kind == kiln_image::KIND {
+        // The build's own outcome: succeeded, failed, stopped or timed_out.
+        if let Some(out) = j.progress.as_ref().and_then(|p| p.get("outcome")) {
+            o.insert("outcome".into(), out.clone());
+        }
+        for k in ["app", "app_uuid", "build_uuid", "build_number"] {
+            if let Some(v) = j.params.get(k) {
+                o.insert(k.into(), v.clone());
+            }
+        }
+        o.remove("download_url");
+    }
     v
 }
 

@@ -7,6 +7,7 @@ mod audit;
 mod auth;
 mod dkms;
 mod error;
+mod image;
 mod jobs;
 mod k8s;
 mod kmod;
@@ -39,6 +40,8 @@ pub struct AppState {
     pub cbt: Arc<kiln_cbt::CbtConfig>,
     /// Volume provisioning (the libvirt-volume-provisioner API).
     pub provision: Arc<kiln_provision::ProvisionJobs>,
+    /// Container image builds (buildshuttle's API, at the root).
+    pub image: Arc<kiln_image::ImageJobs>,
     /// `--maxbytesbody`.
     pub max_body: u64,
     pub version: &'static str,
@@ -118,6 +121,13 @@ pub fn router(state: AppState) -> Router {
         .route("/livez", get(health))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
+        // buildshuttle's routes, at the root as its clients expect; the
+        // static routes above always take precedence over these.
+        .route("/", axum::routing::post(image::create))
+        .route("/octhc", get(image::octhc))
+        .route("/{key}", get(image::sources).delete(image::stop_app))
+        .route("/{key}/{number}", delete(image::stop))
+        .route("/{key}/{number}/logs", get(image::logs))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),

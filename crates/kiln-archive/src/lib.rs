@@ -1,14 +1,19 @@
 //! Archives are where untrusted bytes meet the filesystem. This crate owns
-//! that boundary: it reads tar.gz uploads, refuses anything unsafe, extracts
+//! that boundary: it reads tar.gz uploads (and plain tar and zip app
+//! sources), refuses anything unsafe, extracts
 //! what is safe, and computes the *content* digest of the tree an archive
 //! holds, independent of entry order, mtimes and owners. It also packs trees
 //! (the CLI's headers upload, the module archive kiln serves).
 
 mod pack;
 mod read;
+mod zip;
 
 pub use pack::{pack_files, pack_tree_rooted};
-pub use read::{digest_tar_gz, extract_tar_gz, is_gzip, Extracted, Limits, TreeSummary};
+pub use read::{
+    digest_tar_gz, extract_tar, extract_tar_gz, is_gzip, Extracted, Limits, TreeSummary,
+};
+pub use zip::{extract_zip, is_zip};
 
 use std::path::PathBuf;
 
@@ -34,6 +39,8 @@ pub enum ArchiveError {
     TooManyEntries { limit: u64 },
     #[error("archive expands to more than {limit} bytes (decompression bomb?)")]
     TooLarge { limit: u64 },
+    #[error("zip entry {entry:?} is a symlink; links are not allowed in zip sources")]
+    ZipLink { entry: String },
     #[error("writing {path}: {source}")]
     Io {
         path: PathBuf,

@@ -69,6 +69,16 @@ pub fn extract_tar_gz(
     })
 }
 
+/// Like [`extract_tar_gz`], for a tar that may or may not be gzipped
+/// (app sources arrive either way).
+pub fn extract_tar(r: impl Read, dest: &Path, limits: Limits) -> Result<Extracted, ArchiveError> {
+    let s = extract_as(r, limits, dest, false)?;
+    Ok(Extracted {
+        entries: s.entries,
+        bytes: s.bytes,
+    })
+}
+
 /// What an extraction wrote.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extracted {
@@ -323,6 +333,15 @@ impl Writer<'_> {
 }
 
 fn extract(r: impl Read, limits: Limits, dest: &Path) -> Result<TreeSummary, ArchiveError> {
+    extract_as(r, limits, dest, true)
+}
+
+fn extract_as(
+    r: impl Read,
+    limits: Limits,
+    dest: &Path,
+    gzip: bool,
+) -> Result<TreeSummary, ArchiveError> {
     // The reader (decompress, validate, digest) and the writer (filesystem)
     // run on two threads; the bounded channel keeps memory flat.
     let (tx, rx) = std::sync::mpsc::sync_channel::<Op>(256);
@@ -343,7 +362,7 @@ fn extract(r: impl Read, limits: Limits, dest: &Path) -> Result<TreeSummary, Arc
         // A failed send means the writer stopped on an error: report that
         // one. Otherwise the reader's error (if any) is the first cause.
         let mut writer_stopped = false;
-        let read = read_entries(r, limits, false, &mut |op| {
+        let read = read_entries_as(r, limits, false, gzip, &mut |op| {
             let sent = tx.send(op).is_ok();
             writer_stopped |= !sent;
             sent
@@ -368,12 +387,26 @@ fn read_entries(
     hash: bool,
     emit: &mut dyn FnMut(Op) -> bool,
 ) -> Result<TreeSummary, ArchiveError> {
+    read_entries_as(r, limits, hash, true, emit)
+}
+
+fn read_entries_as(
+    r: impl Read,
+    limits: Limits,
+    hash: bool,
+    gzip: bool,
+    emit: &mut dyn FnMut(Op) -> bool,
+) -> Result<TreeSummary, ArchiveError> {
     let mut r = io::BufReader::with_capacity(256 * 1024, r);
     let head = io::BufRead::fill_buf(&mut r).map_err(|e| ArchiveError::Corrupt(e.to_string()))?;
-    if !is_gzip(head) {
+    let inner: Box<dyn Read> = if is_gzip(head) {
+        Box::new(MultiGzDecoder::new(r))
+    } else if gzip {
         return Err(ArchiveError::NotGzip);
-    }
-    let mut ar = tar::Archive::new(MultiGzDecoder::new(r));
+    } else {
+        Box::new(r)
+    };
+    let mut ar = tar::Archive::new(inner);
     let corrupt = |e: io::Error| ArchiveError::Corrupt(e.to_string());
     let stopped = || ArchiveError::Corrupt("extraction stopped".into());
     let mut records: BTreeMap<Vec<u8>, Record> = BTreeMap::new();

@@ -291,6 +291,41 @@ pub struct ServeArgs {
     /// Attempts per image download (resumed with Range). [default: 5]
     #[arg(long = "download-attempts", env = "KILN_DOWNLOAD_ATTEMPTS")]
     pub download_attempts: Option<u32>,
+    /// Image builds run at once (buildshuttle's variable). [default: 4]
+    #[arg(long = "maximum-parallel-builds", env = "MAXIMUM_PARALLEL_BUILDS")]
+    pub maximum_parallel_builds: Option<usize>,
+    /// Image build timeout in milliseconds. [default: 1200000 (20 min)]
+    #[arg(long = "timeout-in-ms", env = "TIMEOUT_IN_MS")]
+    pub timeout_in_ms: Option<u64>,
+    /// Build images without the layer cache.
+    #[arg(long = "no-cache", env = "NO_CACHE", num_args = 0..=1, default_missing_value = "true")]
+    pub no_cache: Option<bool>,
+    /// JSON object of build args added to every image build (the request's own win).
+    #[arg(long = "extra-build-args", env = "EXTRA_BUILD_ARGS")]
+    pub extra_build_args: Option<String>,
+    /// Also write image build output to kiln's own log.
+    #[arg(long = "show-build-logs", env = "SHOW_BUILD_LOGS", num_args = 0..=1, default_missing_value = "true")]
+    pub show_build_logs: Option<bool>,
+    /// A registry reached over plain HTTP, `HOST:PORT` (repeatable; `,` in the env).
+    #[arg(
+        long = "insecure-registry",
+        env = "KILN_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    pub insecure_registry: Option<Vec<String>>,
+    /// Secret for the `X-Kiln-Signature` HMAC of build callbacks.
+    #[arg(
+        long = "callback-secret",
+        env = "KILN_CALLBACK_SECRET",
+        hide_env_values = true
+    )]
+    pub callback_secret: Option<String>,
+    /// Attempts per build callback (with backoff). [default: 8]
+    #[arg(long = "callback-attempts", env = "KILN_CALLBACK_ATTEMPTS")]
+    pub callback_attempts: Option<u32>,
+    /// buildah's storage driver. [default: vfs]
+    #[arg(long = "buildah-storage-driver", env = "KILN_BUILDAH_STORAGE_DRIVER")]
+    pub buildah_storage_driver: Option<String>,
 }
 
 /// Who may call kiln, as configured.
@@ -334,6 +369,7 @@ pub struct ServeConfig {
     pub image_cache_dir: PathBuf,
     pub image_cache_max_bytes: u64,
     pub provision: kiln_provision::ProvisionConfig,
+    pub image: kiln_image::ImageConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -629,7 +665,94 @@ impl ServeArgs {
             .image_cache_max_bytes
             .or(file.image_cache_max_bytes)
             .unwrap_or(100 << 30);
+        let image = {
+            let parallel = self
+                .maximum_parallel_builds
+                .or(file.maximum_parallel_builds)
+                .unwrap_or(4);
+            if parallel == 0 {
+                bail!("MAXIMUM_PARALLEL_BUILDS must be at least 1");
+            }
+            let ms = self
+                .timeout_in_ms
+                .or(file.timeout_in_ms)
+                .unwrap_or(20 * 60 * 1000);
+            if ms == 0 {
+                bail!("TIMEOUT_IN_MS must be positive");
+            }
+            let extra_build_args = match self.extra_build_args.or(file.extra_build_args) {
+                None => vec![],
+                Some(j) if j.trim().is_empty() => vec![],
+                Some(j) => {
+                    let m: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&j)
+                        .context("EXTRA_BUILD_ARGS must be a JSON object")?;
+                    m.into_iter()
+                        .map(|(k, v)| {
+                            let v = match v {
+                                serde_json::Value::String(s) => s,
+                                o => o.to_string(),
+                            };
+                            (k, v)
+                        })
+                        .collect()
+                }
+            };
+            let driver = self
+                .buildah_storage_driver
+                .or(file.buildah_storage_driver)
+                .unwrap_or_else(|| "vfs".into());
+            if !driver.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                bail!("invalid --buildah-storage-driver {driver:?}");
+            }
+            let insecure = self
+                .insecure_registry
+                .or(file.insecure_registry)
+                .unwrap_or_default();
+            for r in &insecure {
+                if r.is_empty()
+                    || !r
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+                {
+                    bail!("invalid --insecure-registry {r:?}: want HOST:PORT");
+                }
+            }
+            kiln_image::ImageConfig {
+                storage_dir: data_dir.join("buildah"),
+                storage_driver: driver,
+                parallel,
+                timeout: Duration::from_millis(ms),
+                no_cache: self.no_cache.or(file.no_cache).unwrap_or(false),
+                extra_build_args,
+                show_build_logs: self
+                    .show_build_logs
+                    .or(file.show_build_logs)
+                    .unwrap_or(false),
+                insecure_registries: insecure,
+                callback_secret: self
+                    .callback_secret
+                    .or(file.callback_secret)
+                    .filter(|s| !s.is_empty())
+                    .map(String::into_bytes),
+                callback_attempts: self
+                    .callback_attempts
+                    .or(file.callback_attempts)
+                    .unwrap_or(8)
+                    .max(1),
+                limits: kiln_archive::Limits {
+                    max_bytes: self
+                        .max_extract_bytes
+                        .or(file.max_extract_bytes)
+                        .unwrap_or(4 << 30),
+                    max_entries: self
+                        .max_extract_entries
+                        .or(file.max_extract_entries)
+                        .unwrap_or(500_000),
+                },
+            }
+        };
         Ok(ServeConfig {
+            image,
             image_cache_dir,
             image_cache_max_bytes,
             provision,

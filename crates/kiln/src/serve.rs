@@ -186,6 +186,17 @@ pub async fn run(args: ServeArgs) -> Result<()> {
                 .context("building the image download client")?,
         )
     };
+    let image = Arc::new(
+        kiln_image::ImageJobs::new(
+            cfg.image.clone(),
+            Cas::open(&cfg.cache_dir).context("opening the cache")?,
+            db.clone(),
+        )
+        .context("building the image build client")?,
+    );
+    if kiln_exec::which("buildah").is_none() {
+        tracing::warn!("buildah is not installed; image builds (POST /) will fail until it is");
+    }
     let engine = Engine::new(
         db,
         EngineConfig {
@@ -202,6 +213,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             dkms.clone(),
             cbt_jobs.clone(),
             provision.clone(),
+            image.clone(),
         ],
         metrics,
     )?;
@@ -241,6 +253,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         cbt_jobs,
         cbt,
         provision,
+        image,
         max_body: cfg.max_body,
         version: env!("CARGO_PKG_VERSION"),
         auth,
