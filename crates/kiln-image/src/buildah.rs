@@ -257,8 +257,25 @@ mod tests {
             !cmd.contains("s3cret") && !cmd.contains("pw-secret-2"),
             "{cmd}"
         );
-        assert!(std::fs::read_to_string(env.registries_conf.unwrap())
-            .unwrap()
-            .contains("insecure = true"));
+        let mut req = req.clone();
+        req.build_args = serde_json::json!({"K": "v w"}).as_object().cloned();
+        let tags = ["reg:5000/x/app:1.1".to_string()];
+        let b = bud(&cfg, &env, &req, d.path(), &tags, Duration::from_secs(1)).display();
+        assert!(b.contains("--layers ") && !b.contains("--no-cache"), "{b}");
+        assert!(
+            b.contains("--build-arg K=v w") && !b.contains("s3cret"),
+            "{b}"
+        );
+        let nc = ImageConfig {
+            no_cache: true,
+            ..cfg.clone()
+        };
+        let b = bud(&nc, &env, &req, d.path(), &tags, Duration::from_secs(1)).display();
+        assert!(b.contains("--layers=false --no-cache"), "{b}");
+        assert!(
+            std::fs::read_to_string(env.registries_conf.as_ref().unwrap())
+                .unwrap()
+                .contains("insecure = true")
+        );
     }
 }
