@@ -219,6 +219,21 @@ impl Kmod {
         }))
     }
 
+    /// The first-level index alone: a hit for a body whose SHA-256 the
+    /// client declared, answered before any of the body is read.
+    pub async fn lookup_raw(
+        &self,
+        raw: &Digest,
+        kver: &KernelVersion,
+    ) -> Result<Option<Outcome>, KmodError> {
+        let src = self.cfg.source.identity().await?;
+        let alias = self.key("raw-v1", raw, kver, &src);
+        match self.db.alias(KIND, &alias)? {
+            Some(key) => self.hit("declared-raw", kver, &key),
+            None => Ok(None),
+        }
+    }
+
     /// Answer a build request whose body has been streamed to `upload`
     /// (not yet committed to the cache). `raw` is the digest of its bytes.
     pub async fn request(

@@ -70,6 +70,42 @@ fn seed_curl_flow_cache_hits_and_repacked_headers() {
     assert_eq!(code, 200);
     assert_eq!(tar_names(&data), vec!["hello.ko"]);
 
+    // With the body's SHA-256 declared, a hit is answered before the body
+    // is read: here the body is not even gzip, and the answer is the archive.
+    let sha = sh(&format!(
+        "sha256sum {} | cut -d' ' -f1",
+        fx.headers.display()
+    ));
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, vec![b'x'; 3 << 20]).unwrap();
+    let hdrs = sh(&format!(
+        "curl -s -D - -o {out} -H 'X-Kernel-Version: {k}' -H 'X-Kiln-Content-SHA256: {sha}' --data-binary @{j} {u}",
+        out = dir.path().join("declared.tgz").display(),
+        k = fx.kver,
+        sha = sha.trim(),
+        j = junk.display(),
+        u = s.url("/api/v1/build")
+    ));
+    assert!(
+        hdrs.starts_with("HTTP/1.1 200") && hdrs.contains("x-kiln-cache-index: declared-digest"),
+        "{hdrs}"
+    );
+    assert_eq!(
+        tar_names(&std::fs::read(dir.path().join("declared.tgz")).unwrap()),
+        vec!["hello.ko"]
+    );
+    // An unknown declared digest falls back to reading the body.
+    let (code, _) = curl(&[
+        "-H",
+        &format!("X-Kernel-Version: {}", fx.kver),
+        "-H",
+        &format!("X-Kiln-Content-SHA256: {}", "0".repeat(64)),
+        "--data-binary",
+        &format!("@{}", junk.display()),
+        &s.url("/api/v1/build"),
+    ]);
+    assert_eq!(code, 400, "junk is refused once it is read");
+
     // The same tree, repacked: reverse order, other mtimes, no directories.
     let re = dir.path().join("re");
     let repacked = dir.path().join("repacked.tgz");
