@@ -54,6 +54,7 @@ pub fn access(method: &Method, route: Option<&str>, metrics_auth: bool) -> Acces
             "GET" | "HEAD",
             "/api/v1/status/{job_id}"
             | "/api/v1/download/{job_id}"
+            | "/api/v1/build/{sha256}"
             | "/api/v1/signing-cert"
             | "/api/v1/jobs"
             | "/api/v1/jobs/{job_id}"

@@ -106,21 +106,8 @@ pub async fn build(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<kiln_core::Digest>().ok());
     if let (Some(d), false) = (declared, truthy(&q.force)) {
-        if let Some(Outcome::Hit {
-            path,
-            cache_key,
-            job_id,
-        }) = s.kmod.lookup_raw(&d, &kver).await?
-        {
-            let mut extra = vec![
-                ("x-kiln-cache", "hit".to_string()),
-                ("x-kiln-cache-index", "declared-digest".to_string()),
-                ("x-kiln-cache-key", cache_key),
-            ];
-            if let Some(j) = job_id {
-                extra.push(("x-kiln-job-id", j.to_string()));
-            }
-            return gzip_file(&path, &extra).await;
+        if let Some(hit) = raw_hit(&s, &d, &kver).await? {
+            return Ok(hit);
         }
     }
     let t0 = std::time::Instant::now();
@@ -196,6 +183,53 @@ pub async fn build(
             })))
         }
     }
+}
+
+/// The archive built from an upload whose bytes had this SHA-256 (the
+/// first-level index), as a 200 response, or None.
+async fn raw_hit(
+    s: &AppState,
+    digest: &kiln_core::Digest,
+    kver: &KernelVersion,
+) -> Result<Option<Response>, ApiError> {
+    let Some(Outcome::Hit {
+        path,
+        cache_key,
+        job_id,
+    }) = s.kmod.lookup_raw(digest, kver).await?
+    else {
+        return Ok(None);
+    };
+    let mut extra = vec![
+        ("x-kiln-cache", "hit".to_string()),
+        ("x-kiln-cache-index", "declared-digest".to_string()),
+        ("x-kiln-cache-key", cache_key),
+    ];
+    if let Some(j) = job_id {
+        extra.push(("x-kiln-job-id", j.to_string()));
+    }
+    gzip_file(&path, &extra).await.map(Some)
+}
+
+/// `GET /api/v1/build/{sha256}?kernel_version=`: the modules built from an
+/// upload with exactly these bytes, without sending them (kiln's client
+/// asks this first). 200 + archive, or 404 (then `POST /api/v1/build`).
+pub async fn lookup(
+    State(s): State<AppState>,
+    Path(sha): Path<String>,
+    Query(q): Query<BuildQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let kver = requested_kver(&headers, q.kernel_version.as_deref())?;
+    let d: kiln_core::Digest = sha
+        .parse()
+        .map_err(|e: kiln_core::DigestError| ApiError::bad_request(e.to_string()))?;
+    raw_hit(&s, &d, &kver).await?.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no modules for kernel {kver} were built from an upload with SHA-256 {}; POST the headers to /api/v1/build",
+            d.hex()
+        ))
+    })
 }
 
 /// `GET /api/v1/download/{job_id}`: 200 with the archive, 400 while the job

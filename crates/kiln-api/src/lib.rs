@@ -61,6 +61,7 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/dkms",
             post(dkms::submit).layer(DefaultBodyLimit::disable()),
         )
+        .route("/api/v1/build/{sha256}", get(kmod::lookup))
         .route("/api/v1/dkms/{job_id}/deb", get(dkms::download))
         .route("/api/v1/status/{job_id}", get(jobs::status))
         .route("/api/v1/download/{job_id}", get(kmod::download))

@@ -11,7 +11,8 @@ mod zip;
 
 pub use pack::{pack_files, pack_tree_rooted};
 pub use read::{
-    digest_tar_gz, extract_tar, extract_tar_gz, is_gzip, Extracted, Limits, TreeSummary,
+    digest_tar_gz, extract_tar, extract_tar_gz, extract_tar_gz_digest, is_gzip, Extracted, Limits,
+    TreeSummary,
 };
 pub use zip::{extract_zip, is_zip};
 

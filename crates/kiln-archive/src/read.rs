@@ -1,7 +1,7 @@
 //! Reading tar.gz: one pass that validates every entry, feeds the tree
 //! digest, and (optionally) writes the entry below a destination directory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::{symlink, PermissionsExt};
@@ -67,6 +67,17 @@ pub fn extract_tar_gz(
         entries: s.entries,
         bytes: s.bytes,
     })
+}
+
+/// [`extract_tar_gz`] that also computes the tree digest, for callers that
+/// key what they extract by its content (kiln-kmod's header trees): one
+/// decompression pass both validates, digests and writes.
+pub fn extract_tar_gz_digest(
+    r: impl Read,
+    dest: &Path,
+    limits: Limits,
+) -> Result<TreeSummary, ArchiveError> {
+    extract_with(r, limits, dest, true, true)
 }
 
 /// Like [`extract_tar_gz`], for a tar that may or may not be gzipped
@@ -342,6 +353,16 @@ fn extract_as(
     dest: &Path,
     gzip: bool,
 ) -> Result<TreeSummary, ArchiveError> {
+    extract_with(r, limits, dest, gzip, false)
+}
+
+fn extract_with(
+    r: impl Read,
+    limits: Limits,
+    dest: &Path,
+    gzip: bool,
+    hash: bool,
+) -> Result<TreeSummary, ArchiveError> {
     // The reader (decompress, validate, digest) and the writer (filesystem)
     // run on two threads; the bounded channel keeps memory flat.
     let (tx, rx) = std::sync::mpsc::sync_channel::<Op>(256);
@@ -362,7 +383,7 @@ fn extract_as(
         // A failed send means the writer stopped on an error: report that
         // one. Otherwise the reader's error (if any) is the first cause.
         let mut writer_stopped = false;
-        let read = read_entries_as(r, limits, false, gzip, &mut |op| {
+        let read = read_entries_as(r, limits, hash, gzip, &mut |op| {
             let sent = tx.send(op).is_ok();
             writer_stopped |= !sent;
             sent
@@ -410,6 +431,8 @@ fn read_entries_as(
     let corrupt = |e: io::Error| ArchiveError::Corrupt(e.to_string());
     let stopped = || ArchiveError::Corrupt("extraction stopped".into());
     let mut records: BTreeMap<Vec<u8>, Record> = BTreeMap::new();
+    // The symlinks among `records`, for the per-entry "below a link" check.
+    let mut links: HashSet<Vec<u8>> = HashSet::new();
     let mut entries = 0u64;
     let mut bytes = 0u64;
     const CHUNK: usize = 128 * 1024;
@@ -427,8 +450,8 @@ fn read_entries_as(
         // No entry may sit below a symlink of the archive: writing it would
         // follow the link. Checked here so that validation without
         // extraction (the request path) refuses it too.
-        for i in 1..comps.len() {
-            if let Some(Record::Link { .. }) = records.get(&comps[..i].join(&b'/')) {
+        for i in (1..comps.len()).filter(|_| !links.is_empty()) {
+            if links.contains(&comps[..i].join(&b'/')) {
                 return Err(ArchiveError::ThroughSymlink {
                     entry: lossy(&key),
                     via: lossy(&comps[..i].join(&b'/')),
@@ -466,19 +489,29 @@ fn read_entries_as(
                     return Err(stopped());
                 }
                 let mut h = Hasher::new();
-                loop {
-                    let mut buf = vec![0u8; CHUNK.min(size as usize + 1)];
-                    let n = entry.read(&mut buf).map_err(corrupt)?;
+                let mut left = size;
+                while left > 0 {
+                    // Exactly what is left of the entry, up to a chunk, into
+                    // an uninitialised buffer (no zeroing, no EOF probe).
+                    let want = CHUNK.min(left as usize);
+                    let mut buf = Vec::with_capacity(want);
+                    let n = (&mut entry)
+                        .take(want as u64)
+                        .read_to_end(&mut buf)
+                        .map_err(corrupt)?;
                     if n == 0 {
-                        break;
+                        return Err(ArchiveError::Corrupt(format!(
+                            "entry {:?} is cut short",
+                            lossy(&key)
+                        )));
                     }
+                    left -= n as u64;
                     bytes += n as u64;
                     if bytes > limits.max_bytes {
                         return Err(ArchiveError::TooLarge {
                             limit: limits.max_bytes,
                         });
                     }
-                    buf.truncate(n);
                     if hash {
                         h.update(&buf);
                     }
@@ -486,6 +519,7 @@ fn read_entries_as(
                         return Err(stopped());
                     }
                 }
+                links.remove(&key);
                 records.insert(
                     key,
                     Record::File {
@@ -508,6 +542,7 @@ fn read_entries_as(
                 }) {
                     return Err(stopped());
                 }
+                links.insert(key.clone());
                 records.insert(key, Record::Link { target });
             }
             EntryType::Link => {
@@ -533,6 +568,7 @@ fn read_entries_as(
                 }) {
                     return Err(stopped());
                 }
+                links.remove(&key);
                 records.insert(
                     key,
                     Record::File {
@@ -632,6 +668,9 @@ mod tests {
         let dest = tempfile::tempdir().unwrap();
         let x = extract_tar_gz(&one[..], dest.path(), Limits::default()).unwrap();
         assert_eq!((x.entries, x.bytes), (d1.entries, d1.bytes));
+        let dest2 = tempfile::tempdir().unwrap();
+        let x2 = extract_tar_gz_digest(&two[..], dest2.path(), Limits::default()).unwrap();
+        assert_eq!(x2, d2, "extracting digests like the digest-only pass");
         assert_eq!(std::fs::read(dest.path().join("a/b/f")).unwrap(), b"data");
         assert_eq!(
             std::fs::read_link(dest.path().join("l")).unwrap(),

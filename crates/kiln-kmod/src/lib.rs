@@ -10,10 +10,14 @@
 mod sandbox;
 mod source;
 mod tree;
+mod trees;
 
 pub use sandbox::Sandbox;
 pub use source::{ModuleSource, SourceError};
-pub use tree::{find_kernel_tree, rewrite_absolute_includes, sig_hash, TreeError};
+pub use tree::{
+    find_kernel_tree, rewrite_absolute_includes, rewrite_includes_for, sig_hash, TreeError,
+};
+pub use trees::{HeaderTrees, TreeLease, TreesError};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,6 +40,8 @@ pub enum KmodError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Source(#[from] SourceError),
+    #[error(transparent)]
+    Trees(#[from] TreesError),
     #[error(transparent)]
     Engine(#[from] kiln_engine::EngineError),
     #[error("internal task failed: {0}")]
@@ -110,6 +116,10 @@ pub struct KmodParams {
     pub cache_key: String,
     pub raw_alias: String,
     pub source_id: String,
+    /// The headers' tree digest, under which the extracted tree is kept
+    /// (absent in jobs queued by kiln before header trees were kept).
+    #[serde(default)]
+    pub tree: Option<Digest>,
 }
 
 /// What a finished job records.
@@ -141,16 +151,28 @@ pub struct Kmod {
     cas: Cas,
     db: Arc<Db>,
     metrics: Arc<Metrics>,
+    trees: Arc<HeaderTrees>,
 }
 
 impl Kmod {
-    pub fn new(cfg: KmodConfig, cas: Cas, db: Arc<Db>, metrics: Arc<Metrics>) -> Kmod {
+    pub fn new(
+        cfg: KmodConfig,
+        cas: Cas,
+        db: Arc<Db>,
+        metrics: Arc<Metrics>,
+        trees: Arc<HeaderTrees>,
+    ) -> Kmod {
         Kmod {
             cfg,
             cas,
             db,
             metrics,
+            trees,
         }
+    }
+
+    pub fn trees(&self) -> &Arc<HeaderTrees> {
+        &self.trees
     }
 
     pub fn config(&self) -> &KmodConfig {
@@ -253,13 +275,23 @@ impl Kmod {
                 }
             }
         }
-        // Validate the archive and digest the tree it holds, without writing it out.
+        // Validate the archive and digest the tree it holds. Headers of a
+        // kernel version with no tree kept are extracted in the same pass
+        // (the build will need them, and no kept tree means this cannot be
+        // a repack of one); otherwise nothing is written.
         let file = upload.path().to_path_buf();
         let limits = self.cfg.limits;
-        let summary = tokio::task::spawn_blocking(move || {
-            let f = std::fs::File::open(&file)
-                .map_err(|source| ArchiveError::Io { path: file, source })?;
-            kiln_archive::digest_tar_gz(f, limits)
+        let claim = self.trees.claim(&kver);
+        let (trees, k2) = (self.trees.clone(), kver.clone());
+        let summary = tokio::task::spawn_blocking(move || -> Result<_, KmodError> {
+            match claim {
+                Some(_staging) => Ok(trees.stage(&file, &k2, limits)?.0),
+                None => {
+                    let f = std::fs::File::open(&file)
+                        .map_err(|source| ArchiveError::Io { path: file, source })?;
+                    Ok(kiln_archive::digest_tar_gz(f, limits)?)
+                }
+            }
         })
         .await
         .map_err(|e| KmodError::Join(e.to_string()))??;
@@ -279,6 +311,7 @@ impl Kmod {
             cache_key: key.clone(),
             raw_alias: alias,
             source_id: src,
+            tree: Some(summary.digest),
         };
         let params = serde_json::to_value(&params).map_err(|e| KmodError::Join(e.to_string()))?;
         let s = engine.submit(KIND, &key, &params, Some(&input), force)?;
@@ -308,42 +341,77 @@ impl Kmod {
         Ok((victims.len(), before.saturating_sub(after)))
     }
 
-    async fn build(&self, ctx: &JobContext, p: &KmodParams) -> Result<KmodResult, JobError> {
+    /// The job's headers as a kept tree: the one its request extracted, or
+    /// (after an eviction, a restart that lost it, or a request that only
+    /// digested) extracted now from the uploaded archive.
+    async fn header_tree(&self, ctx: &JobContext, p: &KmodParams) -> Result<TreeLease, JobError> {
         let fail = |m: String| JobError::Failed(m);
-        ctx.progress("extracting headers", 5);
+        if let Some(d) = &p.tree {
+            // A request extracting these headers right now finishes first.
+            let kver = &p.kernel_version;
+            let lease = || {
+                self.trees
+                    .lease(d, kver)
+                    .map_err(|e| fail(format!("kept header tree {}: {e}", d.hex())))
+            };
+            loop {
+                if let Some(l) = lease()? {
+                    ctx.log.info("headers already extracted");
+                    return Ok(l);
+                }
+                if !self.trees.staging(kver) {
+                    break;
+                }
+                if ctx.cancel.is_cancelled() {
+                    return Err(JobError::Cancelled);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         let input = self
             .cas
             .verify(&p.input)
             .map_err(|e| fail(format!("the uploaded headers are gone: {e}")))?;
-        let root = ctx.workdir.join("headers");
-        std::fs::create_dir_all(&root).map_err(|e| fail(format!("{}: {e}", root.display())))?;
-        let limits = self.cfg.limits;
-        let r2 = root.clone();
-        let summary = tokio::task::spawn_blocking(move || {
-            let f = std::fs::File::open(&input).map_err(|source| ArchiveError::Io {
-                path: input,
-                source,
-            })?;
-            kiln_archive::extract_tar_gz(f, &r2, limits)
-        })
-        .await
-        .map_err(|e| fail(e.to_string()))?
-        .map_err(|e| fail(format!("rejected headers archive: {e}")))?;
+        let (trees, kver, limits) = (
+            self.trees.clone(),
+            p.kernel_version.clone(),
+            self.cfg.limits,
+        );
+        let (summary, lease) =
+            tokio::task::spawn_blocking(move || trees.stage(&input, &kver, limits))
+                .await
+                .map_err(|e| fail(e.to_string()))?
+                .map_err(|e| match e {
+                    TreesError::Archive(a) => fail(format!("rejected headers archive: {a}")),
+                    e => fail(e.to_string()),
+                })?;
         ctx.log.info(&format!(
             "extracted {} entries, {} bytes",
             summary.entries, summary.bytes
         ));
-
-        let tree = find_kernel_tree(&root, &p.kernel_version).map_err(|e| fail(e.to_string()))?;
-        ctx.log.info(&format!(
-            "kernel build tree: {}",
-            tree.strip_prefix(&root).unwrap_or(&tree).display()
-        ));
-        for (from, to) in
-            rewrite_absolute_includes(&tree, &root).map_err(|e| fail(e.to_string()))?
-        {
-            ctx.log.info(&format!("Makefile: include {from} -> {to}"));
+        if p.tree.is_some_and(|d| d != summary.digest) {
+            return Err(fail(format!(
+                "the uploaded headers hold tree {}, not the {} they were accepted as",
+                summary.digest.hex(),
+                p.tree.map(|d| d.hex()).unwrap_or_default()
+            )));
         }
+        Ok(lease)
+    }
+
+    async fn build(&self, ctx: &JobContext, p: &KmodParams) -> Result<KmodResult, JobError> {
+        let fail = |m: String| JobError::Failed(m);
+        ctx.progress("extracting headers", 5);
+        // Held until the build ends, so the tree is not evicted under it.
+        let headers = self.header_tree(ctx, p).await?;
+        let kdir = headers.kdir().to_path_buf();
+        // Shown read-only wherever the store lives (the sandbox hides /tmp and /dev).
+        let visible = [headers.dir().to_path_buf()];
+        ctx.log.info(&format!(
+            "kernel build tree: {} (header tree {})",
+            kdir.strip_prefix(headers.dir()).unwrap_or(&kdir).display(),
+            headers.digest().hex()
+        ));
 
         ctx.progress("preparing module source", 15);
         let src = ctx.workdir.join("src");
@@ -357,12 +425,12 @@ impl Kmod {
         let make = Cmd::new("make")
             .arg(format!("-j{}", self.cfg.make_jobs.max(1)))
             .arg("module")
-            .arg(format!("KDIR={}", tree.display()))
+            .arg(format!("KDIR={}", kdir.display()))
             .env("SPAAS_URL", &self.cfg.spaas_url);
         let make = self
             .cfg
             .sandbox
-            .wrap(make, &ctx.workdir, &src, self.cfg.build_network)
+            .wrap_with(make, &ctx.workdir, &src, self.cfg.build_network, &visible)
             .timeout(Duration::from_secs(24 * 3600)); // the engine's job timeout governs
         make.run(ctx.log.clone(), &ctx.cancel).await?;
 
@@ -386,8 +454,8 @@ impl Kmod {
         }
         if let Some(s) = &self.cfg.signing {
             ctx.progress("signing", 90);
-            let hash = tree::sig_hash(&tree);
-            let sign_file = tree.join("scripts/sign-file");
+            let hash = tree::sig_hash(&kdir);
+            let sign_file = kdir.join("scripts/sign-file");
             // The sandbox sees only the work dir writable and hides /tmp:
             // give sign-file private copies of the key and certificate.
             let keys = ctx.workdir.join("signing");
@@ -400,7 +468,7 @@ impl Kmod {
                     .arg(path);
                 self.cfg
                     .sandbox
-                    .wrap(cmd, &ctx.workdir, &src, false)
+                    .wrap_with(cmd, &ctx.workdir, &src, false, &visible)
                     .timeout(Duration::from_secs(120))
                     .run(ctx.log.clone(), &ctx.cancel)
                     .await?;

@@ -95,13 +95,24 @@ pub fn rewrite_absolute_includes(
     tree: &Path,
     root: &Path,
 ) -> Result<Vec<(String, String)>, TreeError> {
+    let root = std::fs::canonicalize(root).map_err(|source| TreeError::Io {
+        path: root.to_path_buf(),
+        source,
+    })?;
+    rewrite_includes_for(tree, &root, &root)
+}
+
+/// [`rewrite_absolute_includes`] for a tree that will be used from another
+/// place: includes found below `root` are rewritten to point below `at`,
+/// where `root` is renamed to afterwards (a staged header tree).
+pub fn rewrite_includes_for(
+    tree: &Path,
+    root: &Path,
+    at: &Path,
+) -> Result<Vec<(String, String)>, TreeError> {
     let mk = tree.join("Makefile");
     let text = std::fs::read_to_string(&mk).map_err(|source| TreeError::Io {
         path: mk.clone(),
-        source,
-    })?;
-    let root = std::fs::canonicalize(root).map_err(|source| TreeError::Io {
-        path: root.to_path_buf(),
         source,
     })?;
     let mut changes = Vec::new();
@@ -115,10 +126,11 @@ pub fn rewrite_absolute_includes(
             .map(str::trim)
             .filter(|p| p.starts_with('/') && !p.contains(' '))
         {
-            let local = root.join(path.trim_start_matches('/'));
-            if local.is_file() && !path.starts_with(root.to_string_lossy().as_ref()) {
-                let newline = line.replacen(path, &local.to_string_lossy(), 1);
-                changes.push((path.to_string(), local.display().to_string()));
+            let rel = path.trim_start_matches('/');
+            if root.join(rel).is_file() && !path.starts_with(at.to_string_lossy().as_ref()) {
+                let there = at.join(rel);
+                let newline = line.replacen(path, &there.to_string_lossy(), 1);
+                changes.push((path.to_string(), there.display().to_string()));
                 out.push_str(&newline);
                 continue;
             }
@@ -126,7 +138,11 @@ pub fn rewrite_absolute_includes(
         out.push_str(line);
     }
     if !changes.is_empty() {
-        std::fs::write(&mk, out).map_err(|source| TreeError::Io { path: mk, source })?;
+        // Replaced whole: a build may be reading a kept tree's Makefile.
+        let tmp = mk.with_file_name(".Makefile.kiln-tmp");
+        std::fs::write(&tmp, out)
+            .and_then(|()| std::fs::rename(&tmp, &mk))
+            .map_err(|source| TreeError::Io { path: mk, source })?;
     }
     Ok(changes)
 }

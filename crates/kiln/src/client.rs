@@ -280,11 +280,34 @@ pub async fn kmod_build(a: KmodBuildArgs) -> Result<()> {
         );
     };
     let size = std::fs::metadata(&tarball)?.len();
-    let body_sha = if api.signs() {
-        Some(file_sha256(&tarball).await?)
-    } else {
-        None
-    };
+    let sha = file_sha256(&tarball).await?;
+    let out = a
+        .output
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("kmod-{kver}.tar.gz")));
+    // Bytes the server has built from before need not travel again.
+    if !a.force {
+        let resp = api
+            .get(
+                &format!("/api/v1/build/{sha}"),
+                &[("kernel_version", kver.as_str())],
+            )?
+            .send()
+            .await
+            .with_context(|| format!("asking {} for a cached build", api.server()))?;
+        match resp.status().as_u16() {
+            200 => {
+                let _ = std::fs::remove_dir_all(&tmpdir);
+                eprintln!("cache hit (these headers were built before; nothing uploaded)");
+                save(resp, &out).await?;
+                eprintln!("modules written to {}", out.display());
+                return Ok(());
+            }
+            404 => {}
+            _ => return Err(server_error(resp).await),
+        }
+    }
+    let body_sha = api.signs().then(|| sha.clone());
 
     let pb = ProgressBar::new(size).with_style(
         ProgressStyle::with_template("uploading {bar:30} {bytes}/{total_bytes} {bytes_per_sec}")
@@ -311,9 +334,6 @@ pub async fn kmod_build(a: KmodBuildArgs) -> Result<()> {
         .with_context(|| format!("uploading headers to {}", api.server()))?;
     pb.finish_and_clear();
     let _ = std::fs::remove_dir_all(&tmpdir);
-    let out = a
-        .output
-        .unwrap_or_else(|| PathBuf::from(format!("kmod-{kver}.tar.gz")));
     match resp.status().as_u16() {
         200 => {
             eprintln!("cache hit");
@@ -355,6 +375,7 @@ pub(crate) async fn poll(
     id: &str,
     mut on_update: impl FnMut(&serde_json::Value),
 ) -> Result<serde_json::Value> {
+    let mut delay = Duration::from_millis(25);
     loop {
         let resp = api
             .get(&format!("/api/v1/status/{id}"), &[])?
@@ -369,7 +390,9 @@ pub(crate) async fn poll(
         if code == 200 {
             return Ok(v);
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Quick builds are seen finished quickly; long ones are not polled hard.
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(500));
     }
 }
 

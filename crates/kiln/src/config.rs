@@ -175,6 +175,14 @@ pub struct ServeArgs {
     /// Cache size cap in bytes; least recently used blobs are evicted. [default: 20 GiB]
     #[arg(long = "cache-max-bytes", env = "KILN_CACHE_MAX_BYTES")]
     pub cache_max_bytes: Option<u64>,
+    /// Where extracted kernel header trees are kept for reuse (a tmpfs makes
+    /// cold builds faster). [default: DATA_DIR/trees]
+    #[arg(long = "header-tree-dir", env = "KILN_HEADER_TREE_DIR")]
+    pub header_tree_dir: Option<PathBuf>,
+    /// Cap on the bytes of kept header trees; least recently used trees are
+    /// removed, never one a build is using. [default: 4 GiB]
+    #[arg(long = "header-trees-max-bytes", env = "KILN_HEADER_TREES_MAX_BYTES")]
+    pub header_trees_max_bytes: Option<u64>,
     /// Cap on bytes extracted from one upload. [default: 4 GiB]
     #[arg(long = "max-extract-bytes", env = "KILN_MAX_EXTRACT_BYTES")]
     pub max_extract_bytes: Option<u64>,
@@ -358,6 +366,8 @@ pub struct ServeConfig {
     pub concurrency: usize,
     pub job_timeout: Duration,
     pub cache_max_bytes: u64,
+    pub header_tree_dir: PathBuf,
+    pub header_trees_max_bytes: u64,
     pub max_extract_bytes: u64,
     pub max_extract_entries: u64,
     pub signing: Option<(PathBuf, PathBuf)>,
@@ -435,6 +445,10 @@ impl ServeArgs {
             .data_dir
             .or(file.data_dir)
             .unwrap_or_else(|| cache_dir.join("state"));
+        let header_tree_dir = self
+            .header_tree_dir
+            .or(file.header_tree_dir)
+            .unwrap_or_else(|| data_dir.join("trees"));
         let tls = match (
             self.certfile.or(file.certfile),
             self.keyfile.or(file.keyfile),
@@ -783,6 +797,11 @@ impl ServeArgs {
                 .cache_max_bytes
                 .or(file.cache_max_bytes)
                 .unwrap_or(20 << 30),
+            header_tree_dir,
+            header_trees_max_bytes: self
+                .header_trees_max_bytes
+                .or(file.header_trees_max_bytes)
+                .unwrap_or(4 << 30),
             max_extract_bytes: self
                 .max_extract_bytes
                 .or(file.max_extract_bytes)

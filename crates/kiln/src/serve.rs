@@ -126,6 +126,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         cas,
         db.clone(),
         metrics.clone(),
+        kiln_kmod::HeaderTrees::open(&cfg.header_tree_dir, cfg.header_trees_max_bytes)
+            .context("opening the header tree store")?,
     ));
     kmod.enforce_cache_cap();
     let (arch, deb_arch) = kiln_dkms::Env::host_arch();

@@ -106,6 +106,33 @@ fn seed_curl_flow_cache_hits_and_repacked_headers() {
     ]);
     assert_eq!(code, 400, "junk is refused once it is read");
 
+    // Asked by digest (kiln's client does this before uploading): the
+    // archive without sending a byte; another kernel or unknown bytes 404;
+    // a malformed digest 400.
+    let by =
+        |sha: &str, k: &str| curl(&[&s.url(&format!("/api/v1/build/{sha}?kernel_version={k}"))]);
+    let (code, data) = by(sha.trim(), &fx.kver);
+    assert_eq!(code, 200);
+    assert_eq!(tar_names(&data), vec!["hello.ko"]);
+    assert_eq!(by(sha.trim(), "6.1.0-99-amd64").0, 404);
+    let (code, body) = by(&"0".repeat(64), &fx.kver);
+    assert_eq!(code, 404);
+    assert!(json(&body)["error"].as_str().unwrap().contains("POST"));
+    assert_eq!(by("abc", &fx.kver).0, 400);
+    assert_eq!(by(sha.trim(), "../etc").0, 400);
+
+    // The first request extracted the headers; the job used that tree.
+    let trees = dir.path().join("cache/state/trees");
+    let kept = || {
+        std::fs::read_dir(&trees)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.path().is_dir() && e.file_name().len() == 64)
+            .count()
+    };
+    assert_eq!(kept(), 1);
+    assert!(log.contains("headers already extracted"), "{log}");
+
     // The same tree, repacked: reverse order, other mtimes, no directories.
     let re = dir.path().join("re");
     let repacked = dir.path().join("repacked.tgz");
@@ -122,6 +149,9 @@ fn seed_curl_flow_cache_hits_and_repacked_headers() {
     let (code, data) = s.build(&repacked, &fx.kver, "");
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&data));
     assert_eq!(tar_names(&data), vec!["hello.ko"]);
+    // A tree for this kernel is kept, so the repack was only digested.
+    assert_eq!(kept(), 1);
+    assert_eq!(std::fs::read_dir(trees.join("tmp")).unwrap().count(), 0);
 
     // Another kernel version is another key: a miss.
     let (code, _) = s.build(&repacked, "6.1.0-99-amd64", "");
@@ -486,6 +516,31 @@ fn cli_builds_from_a_headers_directory() {
         "{log}"
     );
     assert!(log.contains("job completed"), "{log}");
+    // The same headers again: the client asks by digest and sends nothing.
+    let uploads = |s: &Server| s.log().matches("headers upload handled").count();
+    let before = uploads(&s);
+    let again = dir.path().join("again.tgz");
+    let o = std::process::Command::new(kiln)
+        .args([
+            "kmod",
+            "build",
+            "--server",
+            &s.url(""),
+            "--kernel-version",
+            &fx.kver,
+            "--headers",
+        ])
+        .arg(&tree)
+        .arg("-o")
+        .arg(&again)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("nothing uploaded"), "{stderr}");
+    assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(&out).unwrap());
+    assert_eq!(uploads(&s), before, "the second run uploaded the headers");
+
     // A bad job id is a clear error, not a crash.
     let o = std::process::Command::new(kiln)
         .args(["status", "--server", &s.url(""), "nope"])
