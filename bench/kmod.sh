@@ -67,7 +67,7 @@ poll() { while [ "$(curl -s -o /dev/null -w '%{http_code}' "$1/api/v1/status/$2"
   curl -s "$1/api/v1/status/$2" | grep -q '"completed"' || { echo "build $2 failed"; curl -s "$1/api/v1/jobs/$2/logs" | tail -20; exit 1; }; }
 build_once() { # URL QUERY -> seconds from upload to completion
   local t0 t1 j; t0=$(date +%s.%N)
-  j=$(curl -s -H "X-Kernel-Version: $KVER" --data-binary @"$H" "$1/api/v1/build$2" | python3 -c 'import json,sys;print(json.load(sys.stdin)["job_id"])')
+  j=$(curl -s -H "X-Kernel-Version: $KVER" --data-binary @"$H" "$1/api/v1/build$2" | sed -n 's/.*"job_id":"\([0-9a-f]*\)".*/\1/p')
   poll "$1" "$j"; t1=$(date +%s.%N); python3 -c "print(f'{$t1-$t0:.3f}')"; }
 cold_once() { # LABEL N [server args] -> seconds
   local p d pid t; p=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')

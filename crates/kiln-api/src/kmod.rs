@@ -115,6 +115,9 @@ pub async fn build(
     let not_gzip =
         || ApiError::bad_request("the body is not gzip data (send the kernel headers as a tar.gz)");
     let mut body = req.into_body().into_data_stream();
+    // Headers new to this server are extracted while they arrive.
+    let mut staging = s.kmod.stream_stage(&kver);
+    let mut fed = true;
     // The first two bytes, to refuse a non-gzip body before storing it.
     let mut head: Vec<u8> = Vec::with_capacity(2);
     while let Some(chunk) = body.next().await {
@@ -129,6 +132,10 @@ pub async fn build(
             return Err(ApiError::too_large(s.max_body));
         }
         upload.write(&chunk).await.map_err(ApiError::internal)?;
+        if let (Some(st), true) = (staging.as_mut(), fed) {
+            // False: the extraction stopped; its error is reported below.
+            fed = st.feed(chunk).await;
+        }
     }
     if upload.size() == 0 {
         return Err(ApiError::bad_request(
@@ -141,7 +148,10 @@ pub async fn build(
     upload.flush().await.map_err(ApiError::internal)?;
     let (bytes, upload_ms) = (upload.size(), t0.elapsed().as_secs_f64() * 1e3);
     let force = truthy(&q.force);
-    let outcome = s.kmod.request(&s.engine, upload, kver, force).await?;
+    let outcome = s
+        .kmod
+        .request(&s.engine, upload, staging, kver, force)
+        .await?;
     tracing::info!(
         bytes,
         upload_ms,

@@ -11,6 +11,7 @@ mod sandbox;
 mod source;
 mod tree;
 mod trees;
+mod upload;
 
 pub use sandbox::Sandbox;
 pub use source::{ModuleSource, SourceError};
@@ -18,6 +19,7 @@ pub use tree::{
     find_kernel_tree, rewrite_absolute_includes, rewrite_includes_for, sig_hash, TreeError,
 };
 pub use trees::{HeaderTrees, TreeLease, TreesError};
+pub use upload::StreamingStage;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -256,12 +258,20 @@ impl Kmod {
         }
     }
 
+    /// For a kernel version with no kept tree, an extraction to feed the
+    /// request body to as it arrives; pass it to [`request`](Self::request).
+    pub fn stream_stage(&self, kver: &KernelVersion) -> Option<StreamingStage> {
+        StreamingStage::start(&self.trees, kver, self.cfg.limits)
+    }
+
     /// Answer a build request whose body has been streamed to `upload`
-    /// (not yet committed to the cache). `raw` is the digest of its bytes.
+    /// (not yet committed to the cache), and to `staging` if it was
+    /// extracted on the way. `raw` is the digest of its bytes.
     pub async fn request(
         &self,
         engine: &Engine,
         upload: kiln_store::TempBlob,
+        staging: Option<StreamingStage>,
         kver: KernelVersion,
         force: bool,
     ) -> Result<Outcome, KmodError> {
@@ -275,27 +285,37 @@ impl Kmod {
                 }
             }
         }
-        // Validate the archive and digest the tree it holds. Headers of a
-        // kernel version with no tree kept are extracted in the same pass
-        // (the build will need them, and no kept tree means this cannot be
-        // a repack of one); otherwise nothing is written.
-        let file = upload.path().to_path_buf();
+        // The tree these exact bytes hold, if they were read before: a pure
+        // function of the bytes (and the extraction limits), so another
+        // module source, signing key or ?force=true need not read them again.
         let limits = self.cfg.limits;
-        let claim = self.trees.claim(&kver);
-        let (trees, k2) = (self.trees.clone(), kver.clone());
-        let summary = tokio::task::spawn_blocking(move || -> Result<_, KmodError> {
-            match claim {
-                Some(_staging) => Ok(trees.stage(&file, &k2, limits)?.0),
-                None => {
-                    let f = std::fs::File::open(&file)
-                        .map_err(|source| ArchiveError::Io { path: file, source })?;
-                    Ok(kiln_archive::digest_tar_gz(f, limits)?)
-                }
+        let tree_alias = {
+            let mut h = Hasher::new();
+            h.field(b"raw-tree-v1")
+                .field(raw.as_bytes())
+                .field(&limits.max_bytes.to_le_bytes())
+                .field(&limits.max_entries.to_le_bytes());
+            h.finish().hex()
+        };
+        let known = self
+            .db
+            .alias(KIND, &tree_alias)?
+            .and_then(|t| t.parse::<Digest>().ok());
+        let tree = match known {
+            Some(t) => {
+                tracing::info!(kernel_version = %kver, tree = %t.hex(), "upload seen before: its tree is known");
+                t
             }
-        })
-        .await
-        .map_err(|e| KmodError::Join(e.to_string()))??;
-        let key = self.key("tree-v1", &summary.digest, &kver, &src);
+            None => {
+                let s = match staging {
+                    Some(st) => st.finish().await?,
+                    None => self.read_tree(upload.path(), &kver).await?,
+                };
+                self.db.put_alias(KIND, &tree_alias, &s.digest.hex())?;
+                s.digest
+            }
+        };
+        let key = self.key("tree-v1", &tree, &kver, &src);
         if !force {
             if let Some(hit) = self.hit("tree", &kver, &key)? {
                 self.db.put_alias(KIND, &alias, &key)?;
@@ -311,12 +331,38 @@ impl Kmod {
             cache_key: key.clone(),
             raw_alias: alias,
             source_id: src,
-            tree: Some(summary.digest),
+            tree: Some(tree),
         };
         let params = serde_json::to_value(&params).map_err(|e| KmodError::Join(e.to_string()))?;
         let s = engine.submit(KIND, &key, &params, Some(&input), force)?;
-        tracing::info!(kernel_version = %kver, cache_key = %key, entries = summary.entries, bytes = summary.bytes, "cache miss");
+        tracing::info!(kernel_version = %kver, cache_key = %key, tree = %tree.hex(), "cache miss");
         Ok(Outcome::Job(s))
+    }
+
+    /// Validate the uploaded archive and digest the tree it holds. Headers
+    /// of a kernel version with no tree kept are extracted in the same pass
+    /// (the build will need them, and no kept tree means this is not a
+    /// repack of one); otherwise nothing is written.
+    async fn read_tree(
+        &self,
+        file: &Path,
+        kver: &KernelVersion,
+    ) -> Result<kiln_archive::TreeSummary, KmodError> {
+        let (file, limits) = (file.to_path_buf(), self.cfg.limits);
+        let claim = self.trees.claim(kver);
+        let (trees, kver) = (self.trees.clone(), kver.clone());
+        tokio::task::spawn_blocking(move || -> Result<_, KmodError> {
+            match claim {
+                Some(_staging) => Ok(trees.stage(&file, &kver, limits)?.0),
+                None => {
+                    let f = std::fs::File::open(&file)
+                        .map_err(|source| ArchiveError::Io { path: file, source })?;
+                    Ok(kiln_archive::digest_tar_gz(f, limits)?)
+                }
+            }
+        })
+        .await
+        .map_err(|e| KmodError::Join(e.to_string()))?
     }
 
     /// Evict least-recently-used blobs beyond the cap.

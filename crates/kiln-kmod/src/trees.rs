@@ -303,6 +303,17 @@ impl HeaderTrees {
         kver: &KernelVersion,
         limits: Limits,
     ) -> Result<(TreeSummary, TreeLease), TreesError> {
+        let f = std::fs::File::open(archive).map_err(io("open", archive))?;
+        self.stage_from(f, kver, limits)
+    }
+
+    /// [`stage`](Self::stage) from a reader: an upload still arriving.
+    pub fn stage_from(
+        self: &Arc<Self>,
+        archive: impl std::io::Read,
+        kver: &KernelVersion,
+        limits: Limits,
+    ) -> Result<(TreeSummary, TreeLease), TreesError> {
         let tmp = self
             .root
             .join("tmp")
@@ -319,13 +330,12 @@ impl HeaderTrees {
 
     fn stage_in(
         self: &Arc<Self>,
-        archive: &Path,
+        archive: impl std::io::Read,
         kver: &KernelVersion,
         limits: Limits,
         tmp: &Path,
     ) -> Result<(TreeSummary, TreeLease), TreesError> {
-        let f = std::fs::File::open(archive).map_err(io("open", archive))?;
-        let summary = kiln_archive::extract_tar_gz_digest(f, tmp, limits)?;
+        let summary = kiln_archive::extract_tar_gz_digest(archive, tmp, limits)?;
         if let Some(l) = self.lease(&summary.digest, kver)? {
             return Ok((summary, l));
         }

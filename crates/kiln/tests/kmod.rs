@@ -349,6 +349,8 @@ fn failed_build_is_remembered_until_forced() {
     let (code, body) = s.build(&fx.headers, &fx.kver, "?force=true");
     assert_eq!(code, 202);
     assert_ne!(json(&body)["job_id"], id.as_str());
+    // Bytes read before are not read again to find their tree.
+    assert!(s.log().contains("upload seen before: its tree is known"));
     // Download of a failed job is a 400.
     assert_eq!(curl(&[&s.url(&format!("/api/v1/download/{id}"))]).0, 400);
 }

@@ -162,6 +162,28 @@ fn hostile_archives_and_bad_requests_are_refused() {
         .unwrap()
         .collect();
     assert!(tmp.is_empty(), "{tmp:?}");
+    // Refused uploads were extracted on the way in (no tree is kept for this
+    // kernel), cut off or refused there: no tree is kept, and their partial
+    // extractions are removed.
+    let trees = dir.path().join("cache/state/trees");
+    let t = std::time::Instant::now();
+    loop {
+        let left: Vec<_> = std::fs::read_dir(trees.join("tmp"))
+            .unwrap()
+            .chain(std::fs::read_dir(&trees).unwrap())
+            .filter_map(Result::ok)
+            .map(|e| e.file_name())
+            .filter(|n| n != "tmp")
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "left in the header tree store: {left:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 #[test]
