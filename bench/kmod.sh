@@ -74,7 +74,8 @@ cold_once() { # LABEL N [server args] -> seconds
   d="$W/cold-$1-$2"
   "$BIN" serve --addr "127.0.0.1:$p" --cache-dir "$d" --drbd-dir "$W/src" --log-level warn "${@:3}" 2>>"$OUT/server.log" & pid=$!
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:$p/api/v1/hello" >/dev/null && break; sleep 0.05; done
-  t=$(build_once "http://127.0.0.1:$p" ""); kill $pid; wait $pid 2>/dev/null || true; echo "$t"; }
+  t=$(build_once "http://127.0.0.1:$p" ""); kill $pid; wait $pid 2>/dev/null || true
+  sync; echo "$t"; } # written-back before the next measure, so no run pays for another's writeback
 make_once() { local t0 t1; (cd "$RAW/src" && rm -rf src/*.o src/*.ko src/.*.cmd src/*.mod* src/Module.symvers src/modules.order)
   t0=$(date +%s.%N); make -s -C "$RAW/src" -j"$(nproc)" module KDIR="$RAW/usr/src/linux-headers-$KVER" >/dev/null 2>&1; t1=$(date +%s.%N)
   python3 -c "print(f'{$t1-$t0:.3f}')"; }

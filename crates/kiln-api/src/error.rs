@@ -167,9 +167,6 @@ impl From<kiln_kmod::KmodError> for ApiError {
             K::Archive(a) | K::Trees(kiln_kmod::TreesError::Archive(a)) if a.is_bad_input() => {
                 ApiError::bad_request(a.to_string())
             }
-            K::Trees(kiln_kmod::TreesError::Tree(t @ kiln_kmod::TreeError::NotFound { .. })) => {
-                ApiError::bad_request(t.to_string())
-            }
             K::Source(s) => {
                 tracing::error!(error = %s, "module source unavailable");
                 ApiError::unavailable("the module source is unavailable; see the kiln log")

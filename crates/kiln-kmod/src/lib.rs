@@ -173,10 +173,6 @@ impl Kmod {
         }
     }
 
-    pub fn trees(&self) -> &Arc<HeaderTrees> {
-        &self.trees
-    }
-
     pub fn config(&self) -> &KmodConfig {
         &self.cfg
     }
@@ -308,8 +304,14 @@ impl Kmod {
             }
             None => {
                 let s = match staging {
-                    Some(st) => st.finish().await?,
-                    None => self.read_tree(upload.path(), &kver).await?,
+                    Some(st) => st.finish().await,
+                    None => self.read_tree(upload.path(), &kver).await,
+                };
+                // Without a build tree for this kernel it is still a job,
+                // which fails and says why (as when only a digest was taken).
+                let s = match s {
+                    Err(KmodError::Trees(TreesError::NoBuildTree { summary, .. })) => summary,
+                    s => s?,
                 };
                 self.db.put_alias(KIND, &tree_alias, &s.digest.hex())?;
                 s.digest

@@ -30,6 +30,15 @@ pub enum TreesError {
     Archive(#[from] ArchiveError),
     #[error(transparent)]
     Tree(#[from] TreeError),
+    /// The archive is sound (and digested) but holds no build tree for the
+    /// kernel: the request still becomes a job, which fails saying so, as
+    /// it does when only a digest was taken.
+    #[error("{source}")]
+    NoBuildTree {
+        summary: TreeSummary,
+        #[source]
+        source: TreeError,
+    },
     #[error("header tree store: {op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -336,15 +345,19 @@ impl HeaderTrees {
         tmp: &Path,
     ) -> Result<(TreeSummary, TreeLease), TreesError> {
         let summary = kiln_archive::extract_tar_gz_digest(archive, tmp, limits)?;
-        if let Some(l) = self.lease(&summary.digest, kver)? {
+        let no_tree = |e: TreesError| match e {
+            TreesError::Tree(source) => TreesError::NoBuildTree { summary, source },
+            e => e,
+        };
+        if let Some(l) = self.lease(&summary.digest, kver).map_err(no_tree)? {
             return Ok((summary, l));
         }
         let hex = summary.digest.hex();
         let dir = self.root.join(&hex);
-        let rel = prepare(tmp, kver, &dir)?;
+        let rel = prepare(tmp, kver, &dir).map_err(no_tree)?;
         if let Err(e) = std::fs::rename(tmp, &dir) {
             // Another extraction of the same tree won the race.
-            if let Some(l) = self.lease(&summary.digest, kver)? {
+            if let Some(l) = self.lease(&summary.digest, kver).map_err(no_tree)? {
                 return Ok((summary, l));
             }
             return Err(io("rename", &dir)(e));
@@ -565,6 +578,11 @@ mod tests {
             store.lease(&sum.digest, &k3),
             Err(TreesError::Tree(TreeError::NotFound { .. }))
         ));
+        // Staged for a kernel it lacks: refused, with the digest.
+        match store.stage(&tgz, &k3, Limits::default()) {
+            Err(TreesError::NoBuildTree { summary, .. }) => assert_eq!(summary, sum),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
