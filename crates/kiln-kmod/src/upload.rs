@@ -32,7 +32,7 @@ impl StreamingStage {
     ) -> Option<StreamingStage> {
         let claim: Staging = trees.claim(kver)?;
         // Bounded: a slow disk slows the upload instead of filling memory.
-        let (tx, rx) = mpsc::channel::<Bytes>(64);
+        let (tx, rx) = mpsc::channel::<Bytes>(16);
         let (trees, kver) = (trees.clone(), kver.clone());
         let done = tokio::task::spawn_blocking(move || {
             let _claim = claim;
