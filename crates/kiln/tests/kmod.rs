@@ -476,21 +476,24 @@ fn cli_builds_from_a_headers_directory() {
 
     let out = dir.path().join("mods.tgz");
     let kiln = env!("CARGO_BIN_EXE_kiln");
-    let o = std::process::Command::new(kiln)
-        .args([
-            "kmod",
-            "build",
-            "--server",
-            &s.url(""),
-            "--kernel-version",
-            &fx.kver,
-            "--headers",
-        ])
-        .arg(&tree)
-        .arg("-o")
-        .arg(&out)
-        .output()
-        .unwrap();
+    let kmod_build = |out: &std::path::Path| {
+        std::process::Command::new(kiln)
+            .args([
+                "kmod",
+                "build",
+                "--server",
+                &s.url(""),
+                "--kernel-version",
+                &fx.kver,
+                "--headers",
+            ])
+            .arg(&tree)
+            .arg("-o")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let o = kmod_build(&out);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}\n{}", s.log());
     assert_eq!(tar_names(&std::fs::read(&out).unwrap()), vec!["hello.ko"]);
@@ -522,21 +525,7 @@ fn cli_builds_from_a_headers_directory() {
     let uploads = |s: &Server| s.log().matches("headers upload handled").count();
     let before = uploads(&s);
     let again = dir.path().join("again.tgz");
-    let o = std::process::Command::new(kiln)
-        .args([
-            "kmod",
-            "build",
-            "--server",
-            &s.url(""),
-            "--kernel-version",
-            &fx.kver,
-            "--headers",
-        ])
-        .arg(&tree)
-        .arg("-o")
-        .arg(&again)
-        .output()
-        .unwrap();
+    let o = kmod_build(&again);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     assert!(stderr.contains("nothing uploaded"), "{stderr}");
