@@ -305,7 +305,7 @@ impl Kmod {
             None => {
                 let s = match staging {
                     Some(st) => st.finish().await,
-                    None => self.read_tree(upload.path(), &kver).await,
+                    None => self.read_tree(upload.path()).await,
                 };
                 // Without a build tree for this kernel it is still a job,
                 // which fails and says why (as when only a digest was taken).
@@ -341,27 +341,14 @@ impl Kmod {
         Ok(Outcome::Job(s))
     }
 
-    /// Validate the uploaded archive and digest the tree it holds. Headers
-    /// of a kernel version with no tree kept are extracted in the same pass
-    /// (the build will need them, and no kept tree means this is not a
-    /// repack of one); otherwise nothing is written.
-    async fn read_tree(
-        &self,
-        file: &Path,
-        kver: &KernelVersion,
-    ) -> Result<kiln_archive::TreeSummary, KmodError> {
+    /// Validate the uploaded archive and digest the tree it holds, writing
+    /// nothing (headers new to the server were extracted on the way in).
+    async fn read_tree(&self, file: &Path) -> Result<kiln_archive::TreeSummary, KmodError> {
         let (file, limits) = (file.to_path_buf(), self.cfg.limits);
-        let claim = self.trees.claim(kver);
-        let (trees, kver) = (self.trees.clone(), kver.clone());
-        tokio::task::spawn_blocking(move || -> Result<_, KmodError> {
-            match claim {
-                Some(_staging) => Ok(trees.stage(&file, &kver, limits)?.0),
-                None => {
-                    let f = std::fs::File::open(&file)
-                        .map_err(|source| ArchiveError::Io { path: file, source })?;
-                    Ok(kiln_archive::digest_tar_gz(f, limits)?)
-                }
-            }
+        tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(&file)
+                .map_err(|source| ArchiveError::Io { path: file, source })?;
+            Ok(kiln_archive::digest_tar_gz(f, limits)?)
         })
         .await
         .map_err(|e| KmodError::Join(e.to_string()))?

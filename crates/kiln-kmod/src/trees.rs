@@ -166,11 +166,19 @@ impl HeaderTrees {
                 None => (name.to_string(), false),
             };
             let Ok(digest) = stem.parse::<Digest>() else {
-                remove_in_background(path);
+                // Only what kiln names is kiln's to remove.
+                if name.starts_with("tmp.") {
+                    remove_in_background(path);
+                } else {
+                    tracing::warn!(path = %path.display(), "not a header tree; left alone");
+                }
                 continue;
             };
             if is_marker {
-                continue; // read with its tree
+                if !root.join(&stem).is_dir() {
+                    let _ = std::fs::remove_file(&path);
+                }
+                continue; // otherwise read with its tree
             }
             let marker = root.join(format!("{stem}.json"));
             let kept = std::fs::read(&marker)
@@ -609,12 +617,26 @@ mod tests {
         );
         assert!(store.lease(&s2.digest, &k2).unwrap().is_some());
         drop((l2, l2b));
-        // Debris: a tree without a marker and a stray file are removed at open.
-        std::fs::create_dir_all(root.join(Digest::of(b"x").hex())).unwrap();
+        // Debris: a tree without a marker and a marker without a tree are
+        // removed at open; what kiln did not name is left alone.
+        let debris = root.join(Digest::of(b"x").hex());
+        std::fs::create_dir_all(&debris).unwrap();
+        let orphan = root.join(format!("{}.json", Digest::of(b"y").hex()));
+        std::fs::write(&orphan, b"{}").unwrap();
         std::fs::write(root.join("junk"), b"").unwrap();
         drop(store);
         let store = HeaderTrees::open(&root, 1 << 30).unwrap();
         assert!(store.lease(&Digest::of(b"x"), &k1).unwrap().is_none());
+        assert!(!orphan.exists());
+        assert!(
+            root.join("junk").exists(),
+            "a file kiln did not make was removed"
+        );
+        let t = std::time::Instant::now();
+        while debris.exists() {
+            assert!(t.elapsed().as_secs() < 10, "debris kept");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         // A bad archive leaves nothing behind.
         let bad = d.path().join("bad.tgz");
         std::fs::write(&bad, b"\x1f\x8bnot really").unwrap();
