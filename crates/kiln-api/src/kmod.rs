@@ -163,16 +163,7 @@ pub async fn build(
             path,
             cache_key,
             job_id,
-        } => {
-            let mut extra = vec![
-                ("x-kiln-cache", "hit".to_string()),
-                ("x-kiln-cache-key", cache_key),
-            ];
-            if let Some(j) = job_id {
-                extra.push(("x-kiln-job-id", j.to_string()));
-            }
-            gzip_file(&path, &extra).await
-        }
+        } => hit_response(&path, cache_key, job_id, None).await,
         Outcome::Job(Submitted::Created(j) | Submitted::Joined(j)) => {
             Ok(accepted(&j, format!("/api/v1/download/{}", j.id)))
         }
@@ -210,15 +201,29 @@ async fn raw_hit(
     else {
         return Ok(None);
     };
+    hit_response(&path, cache_key, job_id, Some("declared-digest"))
+        .await
+        .map(Some)
+}
+
+/// A cached module archive as the answer, with where it came from.
+async fn hit_response(
+    path: &std::path::Path,
+    cache_key: String,
+    job_id: Option<kiln_core::JobId>,
+    index: Option<&'static str>,
+) -> Result<Response, ApiError> {
     let mut extra = vec![
         ("x-kiln-cache", "hit".to_string()),
-        ("x-kiln-cache-index", "declared-digest".to_string()),
         ("x-kiln-cache-key", cache_key),
     ];
+    if let Some(i) = index {
+        extra.push(("x-kiln-cache-index", i.to_string()));
+    }
     if let Some(j) = job_id {
         extra.push(("x-kiln-job-id", j.to_string()));
     }
-    gzip_file(&path, &extra).await.map(Some)
+    gzip_file(path, &extra).await
 }
 
 /// `GET /api/v1/build/{sha256}?kernel_version=`: the modules built from an

@@ -15,9 +15,7 @@ mod upload;
 
 pub use sandbox::Sandbox;
 pub use source::{ModuleSource, SourceError};
-pub use tree::{
-    find_kernel_tree, rewrite_absolute_includes, rewrite_includes_for, sig_hash, TreeError,
-};
+pub use tree::{find_kernel_tree, rewrite_absolute_includes, sig_hash, TreeError};
 pub use trees::{HeaderTrees, TreeLease, TreesError};
 pub use upload::StreamingStage;
 

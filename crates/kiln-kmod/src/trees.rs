@@ -5,8 +5,8 @@
 //! (on ext4 without a journal, creating inodes shortly after mass deletes
 //! slows to a millisecond each). So a tree is extracted once, made usable
 //! where it lies (its absolute Makefile includes point into it), renamed
-//! into place whole, and shared by every build against those headers: the
-//! sandbox shows it read-only. Trees beyond a byte cap are evicted least
+//! into place whole, and shared by every build against those headers
+//! (bubblewrap shows it read-only). Trees beyond a byte cap are evicted least
 //! recently used, never while a build holds a [`TreeLease`] on them.
 //!
 //! On disk: `<root>/<hex>/` is a tree, `<root>/<hex>.json` its marker
@@ -63,7 +63,6 @@ struct Marker {
     /// relative to the tree's directory (one archive may hold several).
     kdirs: BTreeMap<String, PathBuf>,
     bytes: u64,
-    entries: u64,
     /// The directory the tree was prepared for; its Makefile includes name
     /// it, so a tree found anywhere else is not used.
     prepared_at: PathBuf,
@@ -72,7 +71,6 @@ struct Marker {
 #[derive(Debug)]
 struct Entry {
     kdirs: BTreeMap<String, PathBuf>,
-    entries: u64,
     bytes: u64,
     used: SystemTime,
     pins: usize,
@@ -143,7 +141,8 @@ impl Drop for Staging {
 
 impl HeaderTrees {
     /// Open (and create) the store below `root`, keeping the trees a
-    /// previous run left complete and removing everything else.
+    /// previous run left complete and removing its own debris (anything
+    /// else in the directory is left alone).
     pub fn open(root: &Path, max_bytes: u64) -> Result<Arc<HeaderTrees>, TreesError> {
         std::fs::create_dir_all(root).map_err(io("create", root))?;
         let root = std::fs::canonicalize(root).map_err(io("resolve", root))?;
@@ -196,7 +195,6 @@ impl HeaderTrees {
                         digest,
                         Entry {
                             kdirs: m.kdirs,
-                            entries: m.entries,
                             bytes: m.bytes,
                             used,
                             pins: 0,
@@ -298,7 +296,6 @@ impl HeaderTrees {
         let marker = Marker {
             kdirs: e.kdirs.clone(),
             bytes: e.bytes,
-            entries: e.entries,
             prepared_at: self.root.join(&hex),
         };
         let path = self.root.join(format!("{hex}.json"));
@@ -372,7 +369,6 @@ impl HeaderTrees {
         }
         let entry = Entry {
             kdirs: BTreeMap::from([(kver.to_string(), rel.clone())]),
-            entries: summary.entries,
             bytes: summary.bytes,
             used: SystemTime::now(),
             pins: 1,
@@ -389,11 +385,6 @@ impl HeaderTrees {
                 dir,
             },
         ))
-    }
-
-    /// Bytes of file contents in the kept trees.
-    pub fn bytes(&self) -> u64 {
-        self.lock().trees.values().map(|e| e.bytes).sum()
     }
 
     /// Drop least recently used unleased trees until the store is within
